@@ -1,0 +1,308 @@
+"""Configuration as plain dataclasses: named presets, JSON round trip, CLI flags built from the fields.
+
+Each knob is defined once, here: its name is its flag, its default is the dataclass default and
+its help is the field's metadata. A preset is a small dict of values that differ from those
+defaults; a JSON file and command-line flags override the preset, in that order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from l1.errors import L1Error
+
+
+def knob(default, help: str):
+    """A dataclass field whose help text becomes the help of its command-line flag."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    """The architecture of the GPT; saved as the run's config.json."""
+
+    vocab_size: int = knob(20000, "tokenizer vocabulary size, special tokens included")
+    n_layer: int = knob(12, "number of transformer blocks")
+    n_head: int = knob(16, "attention heads per block")
+    n_embd: int = knob(1024, "model width")
+    block_size: int = knob(1024, "longest context (in tokens) the model is trained for")
+    intermediate_size: int = knob(0, "SwiGLU hidden width; 0 = 8/3 x n_embd rounded up to 256")
+    rope_theta: float = knob(10000.0, "RoPE base frequency")
+    norm_eps: float = knob(1e-5, "RMSNorm epsilon")
+    init_std: float = knob(0.02, "std of the normal init; residual projections are scaled down")
+    pad_vocab_to: int = knob(64, "embedding rows are padded to a multiple of this for fast matmuls")
+
+    def __post_init__(self):
+        _require_positive(self, "vocab_size", "n_layer", "n_head", "n_embd", "block_size",
+                          "rope_theta", "norm_eps", "init_std", "pad_vocab_to")
+        if self.intermediate_size < 0:
+            raise L1Error(f"intermediate_size must be >= 0 (0 = automatic), got {self.intermediate_size}")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise L1Error(f"n_embd ({self.n_embd}) must split into n_head ({self.n_head}) heads "
+                          "of even width (RoPE rotates pairs)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """SwiGLU hidden width: three matrices of this width cost about what 4x GELU's two do."""
+        if self.intermediate_size:
+            return self.intermediate_size
+        return 256 * math.ceil(8 * self.n_embd / 3 / 256)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.pad_vocab_to * math.ceil(self.vocab_size / self.pad_vocab_to)
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is prepared into token files."""
+
+    data: str = knob("hub", "'hub' (Simple English Wikipedia from the Hugging Face hub) or a local "
+                            ".parquet/.jsonl/.txt file or folder of them")
+    hub_dataset: str = knob("wikimedia/wikipedia", "hub dataset used when --data is 'hub'")
+    hub_config: str = knob("20231101.simple", "configuration of the hub dataset")
+    data_dir: str = knob("data", "folder where prepared corpora (token files + meta.json) are kept")
+    val_fraction: float = knob(0.01, "fraction of documents held out for validation")
+    tokenizer: str = knob("", "reuse this tokenizer.json instead of training one on the corpus")
+    max_docs: int = knob(0, "use only the first N documents of the source (0 = all)")
+
+    def __post_init__(self):
+        if not 0.0 < self.val_fraction < 0.5:
+            raise L1Error(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.max_docs < 0:
+            raise L1Error(f"max_docs must be >= 0 (0 = all), got {self.max_docs}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as the run's training_args.json."""
+
+    preset: str = knob("l1-gpu-compatible", "named preset to start from")
+    out: str = knob("", "run folder (default: models/<preset>)")
+    max_steps: int = knob(5000, "total optimizer steps of the run (a resumed run stops at the same step)")
+    max_minutes: float = knob(0.0, "stop (and save) after this many minutes of this session (0 = no limit)")
+    batch_size: int = knob(8, "sequences per micro-batch")
+    seq_len: int = knob(0, "tokens per training sequence (0 = the model's block_size)")
+    grad_accum: int = knob(8, "micro-batches accumulated per optimizer step")
+    lr: float = knob(6e-4, "peak learning rate")
+    min_lr_ratio: float = knob(0.1, "cosine decay floor, as a fraction of --lr")
+    warmup_steps: int = knob(200, "linear warmup steps")
+    weight_decay: float = knob(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = knob(0.9, "AdamW beta1")
+    beta2: float = knob(0.95, "AdamW beta2")
+    grad_clip: float = knob(1.0, "clip the global gradient norm to this (0 = off)")
+    save_every: int = knob(100, "write a rolling checkpoint every N steps")
+    keep: int = knob(5, "rolling checkpoints to keep")
+    eval_every: int = knob(250, "evaluate on the validation split every N steps")
+    eval_batches: int = knob(20, "micro-batches per evaluation")
+    log_every: int = knob(10, "write a training.log line every N steps")
+    seed: int = knob(1337, "seed for initialization and data order")
+    device: str = knob("auto", "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
+    compile: typing.Optional[bool] = knob(None, "torch.compile the model (default: on for CUDA)")
+    amp: bool = knob(True, "mixed precision: bf16 autocast where supported, else fp16 with loss scaling")
+    grad_ckpt: bool = knob(False, "recompute each block in the backward pass to save activation memory")
+    max_bad_steps: int = knob(5, "stop after this many non-finite steps in a row")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise L1Error(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        _require_positive(self, "max_steps", "batch_size", "grad_accum", "lr", "save_every", "keep",
+                          "eval_every", "eval_batches", "log_every", "max_bad_steps")
+        _require_non_negative(self, "max_minutes", "seq_len", "warmup_steps", "weight_decay",
+                              "grad_clip", "min_lr_ratio")
+        if self.seq_len > self.model.block_size:
+            raise L1Error(f"seq_len ({self.seq_len}) exceeds the model's block_size "
+                          f"({self.model.block_size})")
+        for beta in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, beta) < 1.0:
+                raise L1Error(f"{beta} must be in [0, 1), got {getattr(self, beta)}")
+
+    @property
+    def context(self) -> int:
+        """Tokens per training sequence."""
+        return self.seq_len or self.model.block_size
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out or f"models/{self.preset}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Presets are data: only what differs from the dataclass defaults.
+PRESETS: dict[str, dict] = {
+    # The flagship for one 16 GB GPU: 12 x 1024, 16 heads, 20k BPE, context 1024.
+    # A 2304-wide SwiGLU (2.25 x n_embd, a multiple of 256) gives the original's 155.8M parameters.
+    "l1-gpu-compatible": {"model": {"intermediate_size": 2304}},
+    # The small legacy model.
+    "l1-v1": {
+        "model": {"vocab_size": 1000, "n_layer": 6, "n_head": 8, "n_embd": 512, "block_size": 512},
+        "batch_size": 16, "grad_accum": 4, "lr": 1e-3, "max_steps": 3000,
+    },
+    # Learns recognizable English in minutes on 2 CPU cores.
+    "tiny": {
+        "model": {"vocab_size": 4096, "n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256},
+        "batch_size": 16, "grad_accum": 1, "lr": 2e-3, "max_steps": 2000, "warmup_steps": 100,
+        "eval_every": 200, "eval_batches": 10,
+    },
+}
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig}
+
+
+def _require_positive(cfg, *names):
+    for name in names:
+        if not getattr(cfg, name) > 0:
+            raise L1Error(f"{name} must be > 0, got {getattr(cfg, name)}")
+
+
+def _require_non_negative(cfg, *names):
+    for name in names:
+        if not getattr(cfg, name) >= 0:
+            raise L1Error(f"{name} must be >= 0, got {getattr(cfg, name)}")
+
+
+def _field_types(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_value(name: str, value, kind):
+    """Type-check one JSON value against its field's annotation (ints are accepted as floats)."""
+    if kind == typing.Optional[bool]:
+        ok = value is None or isinstance(value, bool)
+    elif kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise L1Error(f"config field {name!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Nested dict update: sections (model, data) merge field by field."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in update.items():
+        if key in _SECTIONS and isinstance(value, dict):
+            out[key] = {**out.get(key, {}), **value}
+        else:
+            out[key] = value
+    return out
+
+
+def from_dict(values: dict, origin: str = "config") -> TrainConfig:
+    """Build a validated TrainConfig from a (possibly partial) nested dict; unknown keys are refused."""
+    kinds = _field_types(TrainConfig)
+    top = {}
+    for key, value in values.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise L1Error(f"{origin}: {key!r} must be an object of fields")
+            section_kinds = _field_types(_SECTIONS[key])
+            for sub in value:
+                if sub not in section_kinds:
+                    raise L1Error(f"{origin}: unknown {key} field {sub!r}")
+            top[key] = _SECTIONS[key](**{k: _check_value(k, v, section_kinds[k]) for k, v in value.items()})
+        elif key in kinds:
+            top[key] = _check_value(key, value, kinds[key])
+        else:
+            raise L1Error(f"{origin}: unknown config field {key!r}")
+    return TrainConfig(**top)
+
+
+def preset_dict(name: str) -> dict:
+    """The values of a named preset, as a nested dict that includes its name."""
+    if name not in PRESETS:
+        raise L1Error(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return merge(PRESETS[name], {"preset": name})
+
+
+def load_json(path: str | Path) -> dict:
+    """Read a JSON config file, with one clear line on failure."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise L1Error(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise L1Error(f"cannot read config file {path}: {exc}") from None
+    if not isinstance(values, dict):
+        raise L1Error(f"config file {path} must hold a JSON object")
+    return values
+
+
+def resolve(overrides: dict, stored: dict | None = None, file_values: dict | None = None) -> TrainConfig:
+    """The effective config: preset <- stored run config <- JSON file <- command-line flags."""
+    file_values = file_values or {}
+    name = overrides.get("preset") or file_values.get("preset") or (stored or {}).get("preset") \
+        or TrainConfig.preset
+    values = merge(preset_dict(name), stored or {})
+    values = merge(values, file_values)
+    return from_dict(merge(values, overrides))
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field (sections flattened), each defaulting to 'not given'."""
+    for cls, prefix in ((TrainConfig, ""), (ModelConfig, "model"), (DataConfig, "data")):
+        kinds = _field_types(cls)
+        group = parser.add_argument_group(f"{prefix or 'training'} options")
+        for f in dataclasses.fields(cls):
+            if cls is TrainConfig and f.name in _SECTIONS:
+                continue
+            kind = kinds[f.name]
+            default = f.default
+            help_text = f"{f.metadata['help']} (default: {default})"
+            dest = f"{prefix}.{f.name}" if prefix else f.name
+            if kind in (bool, typing.Optional[bool]):
+                group.add_argument(f"--{f.name}", dest=dest, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_text)
+            else:
+                group.add_argument(f"--{f.name}", dest=dest, type=kind, default=argparse.SUPPRESS,
+                                   metavar=f.name.upper(), help=help_text)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """The flags the user actually gave, as a nested dict for resolve()."""
+    out: dict = {}
+    for dest, value in vars(args).items():
+        section, _, name = dest.rpartition(".")
+        if section in _SECTIONS:
+            out.setdefault(section, {})[name] = value
+        elif not section and name in _field_types(TrainConfig):
+            out[name] = value
+    return out
+
+
+def save_json(obj: dict, path: Path) -> None:
+    """Write JSON atomically (temporary file + rename), so a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def model_config_from_dict(values: dict, origin: str = "config.json") -> ModelConfig:
+    """Rebuild a ModelConfig (e.g. from a run's config.json), refusing unknown or mistyped fields."""
+    kinds = _field_types(ModelConfig)
+    unknown = sorted(set(values) - set(kinds))
+    if unknown:
+        raise L1Error(f"{origin}: unknown model field(s) {', '.join(unknown)}")
+    return ModelConfig(**{k: _check_value(k, v, kinds[k]) for k, v in values.items()})

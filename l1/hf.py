@@ -1,0 +1,66 @@
+"""The one-to-one map between L1's GPT and transformers' LlamaForCausalLM.
+
+Used by the parity tests (Llama is the reference implementation) and by the export to a Hugging
+Face folder. transformers is imported lazily: training and sampling never need it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from l1.config import ModelConfig
+
+
+def llama_config(cfg: ModelConfig, **extra):
+    """A LlamaConfig with exactly L1's architecture (the padded vocabulary included)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=cfg.padded_vocab_size,
+        hidden_size=cfg.n_embd,
+        intermediate_size=cfg.mlp_hidden,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_head,
+        max_position_embeddings=cfg.block_size,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+        **extra,
+    )
+
+
+def to_llama_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename and split L1 weights (fused qkv, fused gate/up) into Llama's parameter names."""
+    out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
+    for i in range(cfg.n_layer):
+        src, dst = f"blocks.{i}.", f"model.layers.{i}."
+        q, k, v = state[src + "attn.qkv.weight"].chunk(3, dim=0)
+        gate, up = state[src + "mlp.gate_up.weight"].chunk(2, dim=0)
+        out.update({
+            dst + "input_layernorm.weight": state[src + "attn_norm.weight"],
+            dst + "self_attn.q_proj.weight": q,
+            dst + "self_attn.k_proj.weight": k,
+            dst + "self_attn.v_proj.weight": v,
+            dst + "self_attn.o_proj.weight": state[src + "attn.proj.weight"],
+            dst + "post_attention_layernorm.weight": state[src + "mlp_norm.weight"],
+            dst + "mlp.gate_proj.weight": gate,
+            dst + "mlp.up_proj.weight": up,
+            dst + "mlp.down_proj.weight": state[src + "mlp.down.weight"],
+        })
+    return {name: t.contiguous() for name, t in out.items()}
+
+
+def to_llama(model, dtype=torch.float32):
+    """A LlamaForCausalLM carrying the same weights as an L1 GPT."""
+    from transformers import LlamaForCausalLM
+
+    llama = LlamaForCausalLM(llama_config(model.cfg)).to(dtype)
+    state = to_llama_state_dict({k: v.detach() for k, v in model.state_dict().items()}, model.cfg)
+    missing, unexpected = llama.load_state_dict(state, strict=False)
+    # lm_head.weight is tied to the embedding, so it is the only name Llama may report missing.
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return llama.eval()

@@ -1,0 +1,195 @@
+"""The GPT: a decoder-only transformer in the modern (Llama) style, readable in one sitting.
+
+RoPE positions, RMSNorm, SwiGLU MLP, no biases, tied input/output embeddings, causal attention
+through scaled_dot_product_attention (flash / memory-efficient kernels on CUDA). A pure
+nn.Module: it knows nothing of devices, mixed precision, compilation, DDP or files.
+
+The weights map one-to-one onto transformers' LlamaForCausalLM (see l1/hf.py), which the tests
+use as the reference implementation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from l1.config import ModelConfig
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for incremental decoding.
+
+    Slots [0, length) are filled. A forward pass with a cache writes its T new keys/values at
+    [length, length + T) in every layer, then advances length by T.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None):
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys/values of one layer; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def rope_tables(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (max_pos, head_dim), in the rotate-half layout Llama uses."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2) of x (B, H, T, D) by the angles of each position."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)  # one matmul for q, k, v
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.store(layer, k, v)
+        if mask is None:
+            # Without a cache, or when the query block starts the sequence, causal alignment is
+            # the default top-left one; a single decoding query may see every cached key.
+            causal = T > 1
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.hidden = cfg.mlp_hidden
+        self.gate_up = nn.Linear(cfg.n_embd, 2 * self.hidden, bias=False)  # gate and up in one matmul
+        self.down = nn.Linear(self.hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).split(self.hidden, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """Token ids in, next-token logits (or the mean cross-entropy loss) out."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.grad_ckpt = False  # recompute blocks in backward; switched on by the runtime
+        self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied
+        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, init_std), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
+            nn.init.normal_(block.mlp.down.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, padded_vocab) for idx (B, T), or the mean loss when targets are given.
+
+        cache: decode incrementally; the T new tokens occupy cache slots [length, length + T).
+        positions: (B, T) RoPE positions (default: slot indices), for left-padded batches.
+        key_mask: (B, length + T) bool, False for padding slots that no query may attend to.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            if start + T > self.cfg.block_size:
+                raise ValueError(f"{start + T} tokens exceed the context of {self.cfg.block_size}")
+            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        mask = self._attention_mask(T, start, key_mask, idx.device)
+        x = self.embed(idx)
+        for i, block in enumerate(self.blocks):
+            if self.grad_ckpt and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+
+    @staticmethod
+    def _attention_mask(T: int, start: int, key_mask, device):
+        """None where SDPA's own causal flag is right, else a (B, 1, T, start + T) bool mask."""
+        if key_mask is None and (start == 0 or T == 1):
+            return None
+        S = start + T
+        query_slot = torch.arange(start, S, device=device)
+        allowed = torch.arange(S, device=device)[None, :] <= query_slot[:, None]  # (T, S) causal
+        if key_mask is None:
+            return allowed[None, None]
+        own_slot = torch.arange(S, device=device)[None, :] == query_slot[:, None]
+        # A padding query may still see itself, so no softmax row is empty (empty rows give NaN).
+        return (allowed[None] & key_mask[:, None, :] | own_slot[None])[:, None]
+
+    def num_params(self, exclude_padding: bool = False) -> int:
+        """Parameters, tied embeddings counted once; optionally without the padded vocab rows."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_padding:
+            total -= (self.cfg.padded_vocab_size - self.cfg.vocab_size) * self.cfg.n_embd
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 x matmul weights + attention (PaLM)."""
+        matmul = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and n != "embed.weight")
+        matmul += self.lm_head.weight.numel()  # the tied head is a matmul too
+        return 6.0 * matmul + 12.0 * self.cfg.n_layer * self.cfg.n_embd * seq_len

@@ -1,0 +1,99 @@
+"""The GPT against its reference (transformers' Llama) and its own invariants."""
+
+import pytest
+import torch
+
+from l1.config import ModelConfig, resolve
+from l1.hf import to_llama
+from l1.model import GPT, KVCache
+
+SMALL = ModelConfig(vocab_size=300, n_layer=2, n_head=4, n_embd=64, block_size=64)
+
+
+def small_model(seed=0, cfg=SMALL):
+    torch.manual_seed(seed)
+    return GPT(cfg).eval()
+
+
+def test_logits_match_llama_for_causal_lm():
+    model = small_model()
+    with torch.no_grad():  # random init is too gentle a test: make every weight matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    llama = to_llama(model)
+    idx = torch.randint(0, SMALL.vocab_size, (3, 40))
+    with torch.no_grad():
+        ours = model(idx)
+        theirs = llama(idx).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_is_cross_entropy_of_logits():
+    model = small_model()
+    idx, targets = torch.randint(0, SMALL.vocab_size, (2, 2, 16))
+    with torch.no_grad():
+        logits = model(idx)
+        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        torch.testing.assert_close(model(idx, targets), expected)
+
+
+def test_preset_parameter_counts():
+    counts = {name: GPT(resolve({"preset": name}).model).num_params() for name in ("l1-gpu-compatible", "l1-v1", "tiny")}
+    assert counts == {"l1-gpu-compatible": 155_804_672, "l1-v1": 20_978_176, "tiny": 4_458_752}
+
+
+def test_embedding_rows_are_padded_and_tied():
+    model = small_model()
+    assert model.embed.weight.shape[0] == 320 and model.lm_head.weight is model.embed.weight
+
+
+def test_incremental_decoding_with_cache_matches_full_forward():
+    model = small_model()
+    idx = torch.randint(0, SMALL.vocab_size, (2, 30))
+    cache = KVCache(SMALL, batch_size=2, max_len=30)
+    with torch.no_grad():
+        full = model(idx)
+        pieces = [model(idx[:, :11], cache=cache)]  # prefill, then a chunk, then single tokens
+        pieces.append(model(idx[:, 11:17], cache=cache))
+        pieces += [model(idx[:, t:t + 1], cache=cache) for t in range(17, 30)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.length == 30
+
+
+def test_left_padded_batch_matches_unpadded_rows():
+    model = small_model()
+    short, long = torch.randint(0, SMALL.vocab_size, (5,)), torch.randint(0, SMALL.vocab_size, (9,))
+    pad = 4
+    idx = torch.stack([torch.cat([torch.zeros(pad, dtype=torch.long), short]), long])
+    key_mask = torch.ones(2, 9, dtype=torch.bool)
+    key_mask[0, :pad] = False
+    positions = (key_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        batched = model(idx, positions=positions, key_mask=key_mask)
+        torch.testing.assert_close(batched[0, pad:], model(short[None])[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batched[1], model(long[None])[0], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(batched).all()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    idx, targets = torch.randint(0, SMALL.vocab_size, (2, 2, 32))
+    grads = []
+    for ckpt in (False, True):
+        model = small_model().train()
+        model.grad_ckpt = ckpt
+        model(idx, targets).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(plain, recomputed)
+
+
+def test_residual_projections_start_smaller():
+    model = GPT(ModelConfig(vocab_size=256, n_layer=8, n_head=4, n_embd=128, block_size=32))
+    proj_std = model.blocks[0].attn.proj.weight.std().item()
+    qkv_std = model.blocks[0].attn.qkv.weight.std().item()
+    assert proj_std == pytest.approx(0.02 / 4, rel=0.1) and qkv_std == pytest.approx(0.02, rel=0.1)
+
+
+def test_too_long_input_is_refused():
+    with pytest.raises(ValueError, match="exceed the context"):
+        small_model()(torch.zeros(1, 65, dtype=torch.long))
