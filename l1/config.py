@@ -109,7 +109,8 @@ class TrainConfig:
     seed: int = knob(1337, "seed for initialization and data order")
     device: str = knob("auto", "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
     compile: typing.Optional[bool] = knob(None, "torch.compile the model (default: on for CUDA)")
-    amp: bool = knob(True, "mixed precision: bf16 autocast where supported, else fp16 with loss scaling")
+    amp: typing.Optional[bool] = knob(None, "mixed precision: bf16 autocast, or fp16 with loss scaling where "
+                                            "bf16 is missing (default: on for GPUs and CPUs with native bf16)")
     grad_ckpt: bool = knob(False, "recompute each block in the backward pass to save activation memory")
     max_bad_steps: int = knob(5, "stop after this many non-finite steps in a row")
     model: ModelConfig = field(default_factory=ModelConfig)
