@@ -112,6 +112,8 @@ class TrainConfig:
     amp: typing.Optional[bool] = knob(None, "mixed precision: bf16 autocast, or fp16 with loss scaling where "
                                             "bf16 is missing (default: on for GPUs and CPUs with native bf16)")
     grad_ckpt: bool = knob(False, "recompute each block in the backward pass to save activation memory")
+    fsdp: bool = knob(False, "under torchrun: shard parameters, gradients and optimizer state with FSDP2 "
+                             "instead of replicating them with DDP")
     max_bad_steps: int = knob(5, "stop after this many non-finite steps in a row")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -189,12 +191,13 @@ def _check_value(name: str, value, kind):
     elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         value = float(value) if ok else value
     else:
         ok = isinstance(value, kind)
     if not ok:
-        raise L1Error(f"config field {name!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+        kind_name = "a finite float" if kind is float else getattr(kind, "__name__", kind)
+        raise L1Error(f"config field {name!r} must be {kind_name}, got {value!r}")
     return value
 
 

@@ -1,0 +1,118 @@
+"""Config: presets, JSON round trip, generated flags, and refusal of bad values."""
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from l1 import config
+from l1.config import DataConfig, ModelConfig, TrainConfig
+from l1.errors import L1Error
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False)
+    config.add_config_flags(p)
+    return p
+
+
+@pytest.mark.parametrize("name", list(config.PRESETS))
+def test_preset_json_round_trip_is_exact(name, tmp_path):
+    cfg = config.resolve({"preset": name})
+    path = tmp_path / "training_args.json"
+    config.save_json(cfg.to_dict(), path)
+    assert config.from_dict(json.loads(path.read_text())) == cfg
+    model_path = tmp_path / "config.json"
+    config.save_json(dataclasses.asdict(cfg.model), model_path)
+    assert config.model_config_from_dict(json.loads(model_path.read_text())) == cfg.model
+
+
+def test_presets_have_the_promised_shapes():
+    flagship = config.resolve({"preset": "l1-gpu-compatible"}).model
+    assert (flagship.n_layer, flagship.n_head, flagship.n_embd, flagship.vocab_size, flagship.block_size) == \
+        (12, 16, 1024, 20000, 1024)
+    legacy = config.resolve({"preset": "l1-v1"}).model
+    assert (legacy.n_layer, legacy.n_head, legacy.n_embd, legacy.vocab_size) == (6, 8, 512, 1000)
+
+
+def test_every_field_has_a_flag_with_help():
+    p = parser()
+    flags = {opt for action in p._actions for opt in action.option_strings}
+    for cls in (TrainConfig, ModelConfig, DataConfig):
+        for f in dataclasses.fields(cls):
+            if f.name in ("model", "data") and cls is TrainConfig:
+                continue
+            assert f"--{f.name}" in flags and f.metadata["help"]
+    for promised in ("--preset", "--data", "--out", "--max_steps", "--max_minutes", "--batch_size", "--seq_len",
+                     "--grad_accum", "--lr", "--save_every", "--keep", "--eval_every", "--seed", "--device",
+                     "--compile", "--no-compile", "--amp", "--no-amp", "--grad_ckpt", "--no-grad_ckpt"):
+        assert promised in flags, promised
+
+
+def test_precedence_preset_then_stored_then_file_then_flags():
+    stored = {"preset": "tiny", "lr": 0.1, "batch_size": 3, "model": {"n_layer": 3}}
+    file_values = {"lr": 0.2, "model": {"n_head": 2}}
+    cfg = config.resolve({"lr": 0.3}, stored, file_values)
+    assert (cfg.lr, cfg.batch_size, cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (0.3, 3, 3, 2, 256)
+
+
+def test_only_given_flags_override():
+    args = parser().parse_args(["--lr", "0.01", "--no-amp", "--n_layer", "2", "--data", "corpus.txt"])
+    assert config.overrides_from_args(args) == {"lr": 0.01, "amp": False, "model": {"n_layer": 2},
+                                                "data": {"data": "corpus.txt"}}
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"preset": "nope"}, "unknown preset"),
+    ({"lr": "fast"}, "must be a finite float"),
+    ({"lr": float("inf")}, "must be a finite float"),
+    ({"batch_size": 0}, "batch_size must be > 0"),
+    ({"batch_size": 2.5}, "must be int"),
+    ({"colour": 1}, "unknown config field"),
+    ({"model": {"n_head": 5}}, "heads"),
+    ({"model": {"depth": 5}}, "unknown model field"),
+    ({"seq_len": 4096}, "exceeds the model's block_size"),
+    ({"data": {"val_fraction": 0.9}}, "val_fraction"),
+    ({"beta2": 1.0}, "beta2"),
+])
+def test_bad_values_are_refused_in_one_line(values, message):
+    with pytest.raises(L1Error, match=message) as err:
+        config.resolve(values)
+    assert "\n" not in str(err.value)
+
+
+NAMES = st.sampled_from(["lr", "batch_size", "max_steps", "n_layer", "seed", "val_fraction", "keep", "grad_clip"])
+VALUES = st.one_of(st.integers(-5, 5000), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+                   st.booleans(), st.none())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(NAMES, VALUES, max_size=4))
+def test_any_config_values_give_a_config_or_a_clear_error(values):
+    overrides = {}
+    for key, value in values.items():
+        section = "model" if key == "n_layer" else "data" if key == "val_fraction" else None
+        (overrides.setdefault(section, {}) if section else overrides)[key] = value
+    try:
+        cfg = config.resolve(overrides)
+    except L1Error as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    assert config.from_dict(cfg.to_dict()) == cfg
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["--lr", "--batch_size", "--n_layer", "--compile", "--no-amp", "--preset",
+                                  "--max_minutes", "x", "-1", "0.5", "tiny", "1e-3", "nan", "--bogus"]), max_size=6))
+def test_any_command_line_parses_or_fails_cleanly(argv):
+    try:
+        args = parser().parse_args(argv)
+    except (argparse.ArgumentError, SystemExit):
+        return
+    try:
+        config.resolve(config.overrides_from_args(args))
+    except L1Error as exc:
+        assert "\n" not in str(exc)
