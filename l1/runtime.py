@@ -7,8 +7,10 @@ about devices and wrappers lives here.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -130,3 +132,125 @@ class CompiledOrEager:
                 self.log(f"torch.compile failed ({type(exc).__name__}: {first_line}); continuing eagerly")
                 self.compiled = None
         return self.model(*args, **kwargs)
+
+
+# ---- distributed (torchrun) -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job; a single process is rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_spec: str) -> tuple[Distributed, torch.device]:
+    """Join the torchrun job if launched by one (nccl on CUDA, gloo on CPU); pick this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed(), pick_device(device_spec)
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_spec)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    return Distributed(rank, world_size, local_rank), device
+
+
+def shutdown_distributed(ctx: Distributed) -> None:
+    """Leave the process group cleanly at the end of a run."""
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def parallelize(model: torch.nn.Module, ctx: Distributed, device: torch.device, fsdp: bool) -> torch.nn.Module:
+    """DDP, or FSDP2 (fully_shard per block, then the root) with --fsdp; the model itself in one process."""
+    if not ctx.enabled:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)  # the root holds the tied embedding / head and the final norm
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on accumulation micro-steps (DDP no_sync / FSDP2 flag)."""
+    if hasattr(model, "no_sync"):
+        return contextlib.nullcontext() if enabled else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def barrier(ctx: Distributed) -> None:
+    """Wait for every rank; a no-op in one process."""
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, ctx: Distributed) -> torch.Tensor:
+    """Sum a tensor over ranks (in place); a no-op in one process."""
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm; with FSDP2 the norm is a sharded DTensor made whole here."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _state_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """Full, unwrapped model weights by parameter name (collective under FSDP: call on every rank)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_state_options(cpu_offload=True))
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Full optimizer state keyed by parameter name, so any world size or wrapper can resume it."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_state_options(cpu_offload=True))
+
+
+def load_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
+    """Restore full model and optimizer states into a (possibly wrapped or sharded) model."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, model_sd, options=_state_options())
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=_state_options())

@@ -1,0 +1,489 @@
+"""The training loop: optimizer, schedule, accumulation, evaluation, logging, signals, resume.
+
+It is handed a config; it asks l1.data for batches, l1.model for the network, l1.runtime for the
+device and l1.checkpoint for the run folder. Only the scripts and the tests import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from l1 import checkpoint, config, runtime
+from l1.checkpoint import CheckpointManager
+from l1.config import TrainConfig
+from l1.data import BatchIterator, eval_batches, prepare
+from l1.errors import L1Error
+from l1.model import GPT
+
+TRAINING_ARGS = "training_args.json"
+ASSUMED_CPU_MFU = 0.4  # for the "how long would this take here" estimate only
+
+
+# ---- configuration of a run ---------------------------------------------------------------------
+
+def configure(overrides: dict, file_values: dict | None = None, fresh: bool = False) -> TrainConfig:
+    """The run's config: a resumed run keeps its stored training_args.json unless a flag overrides it.
+
+    With fresh=True an existing run folder is moved aside (never deleted) and the run starts over.
+    """
+    file_values = file_values or {}
+    preset = overrides.get("preset") or file_values.get("preset") or TrainConfig.preset
+    out = Path(overrides.get("out") or file_values.get("out") or f"models/{preset}")
+    stored_path = out / TRAINING_ARGS
+    if fresh and out.exists() and any(out.iterdir()):
+        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        print(f"--fresh: moved the previous run to {aside}")
+    stored = None
+    if stored_path.is_file():
+        stored = config.load_json(stored_path)
+    return config.resolve(overrides, stored, file_values)
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio x lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def _optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms); fused kernels on CUDA and CPU."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+# ---- logging ------------------------------------------------------------------------------------
+
+class _TqdmHandler(logging.Handler):
+    """Console lines that do not break the progress bar."""
+
+    def emit(self, record):
+        tqdm.write(self.format(record))
+
+
+def _make_logger(run_dir: Path, writes: bool) -> logging.Logger:
+    """training.log plus the console; silent on all but the main rank of a distributed run."""
+    logger = logging.getLogger(f"l1.train.{run_dir.resolve()}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    if not writes:
+        logger.addHandler(logging.NullHandler())
+        return logger
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    file_handler = logging.FileHandler(run_dir / "training.log", encoding="utf-8")  # flushes every line
+    console = _TqdmHandler()
+    for handler in (file_handler, console):
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    return logger
+
+
+class _Metrics:
+    """metrics.jsonl: one JSON object per line, flushed at once, for tools and plots."""
+
+    def __init__(self, path: Path, writes: bool):
+        self.file = open(path, "a", encoding="utf-8") if writes else None
+
+    def write(self, **record):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM: the first asks for a clean stop after this step; a second Ctrl-C exits at once."""
+
+    def __init__(self, log):
+        self.requested = False
+        self.log = log
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            os._exit(130)  # checkpoint writes are atomic, so leaving mid-write loses nothing
+        self.requested = True
+        self.log(f"{signal.Signals(signum).name} received: finishing this step, then saving "
+                 "(Ctrl-C again to quit at once)")
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run reached."""
+
+    step: int
+    stopped_early: bool
+    best_val_loss: float
+    last_val_loss: float | None
+    run_dir: Path
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train (or resume) the run in cfg.run_dir until max_steps, max_minutes or a stop signal."""
+    return _Run(cfg).run()
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.dist, self.device = runtime.init_distributed(cfg.device)
+        self.main = self.dist.is_main  # only the main rank writes files
+        if cfg.grad_accum % self.dist.world_size:
+            raise L1Error(f"--grad_accum {cfg.grad_accum} must be a multiple of the {self.dist.world_size} "
+                          "processes, so that every world size trains on the same global batch")
+        self.accum = cfg.grad_accum // self.dist.world_size  # micro-steps per rank and optimizer step
+        if self.main:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                probe = self.run_dir / ".write-test"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as exc:
+                raise L1Error(f"run folder {self.run_dir} is not writable ({exc.strerror}); "
+                              "choose another --out") from None
+        runtime.barrier(self.dist)
+        self.logger = _make_logger(self.run_dir, self.main)
+        self.log = self.logger.info
+        self.amp = runtime.use_amp(self.device, cfg.amp)
+        self.manager = CheckpointManager(self.run_dir, cfg.keep)
+
+    # -- set-up --
+
+    def _prepare_data(self):
+        data_cfg = self.cfg.data
+        run_tokenizer = self.run_dir / "tokenizer.json"
+        if not data_cfg.tokenizer and run_tokenizer.is_file():
+            # A resumed run keeps its own tokenizer even if the prepared corpus was deleted.
+            data_cfg = dataclasses.replace(data_cfg, tokenizer=str(run_tokenizer))
+        if not self.main:
+            runtime.barrier(self.dist)  # the main rank prepares; the others then reuse its files
+        self.data = prepare(data_cfg, self.cfg.model.vocab_size, self.cfg.seed, log=self.log)
+        if self.main:
+            runtime.barrier(self.dist)
+        self.tokenizer = self.data.tokenizer
+        if self.main:
+            self.tokenizer.save(run_tokenizer)
+        self.batches = BatchIterator(self.data.tokens("train"), self.cfg.context, self.cfg.batch_size,
+                                     self.cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
+        val_windows = (len(self.data.tokens("val")) - 1) // self.cfg.context
+        needed = self.cfg.batch_size * self.dist.world_size
+        if val_windows < needed:
+            raise L1Error(f"the validation split holds {val_windows} sequences of {self.cfg.context} tokens, "
+                          f"fewer than one evaluation batch ({needed}); raise --val_fraction or use more data")
+
+    def _compatible(self, state: dict) -> str | None:
+        """Why a checkpoint cannot continue this run, or None."""
+        ours = dataclasses.asdict(self.cfg.model)
+        theirs = state.get("model_config", {})
+        diff = [f"{k} {theirs.get(k)!r} vs {v!r}" for k, v in ours.items() if theirs.get(k) != v]
+        if diff:
+            return f"it holds a different model ({', '.join(diff)}, checkpoint vs now)"
+        if state.get("tokenizer_fingerprint") != self.tokenizer.fingerprint:
+            return (f"it was trained with tokenizer {state.get('tokenizer_fingerprint')}, "
+                    f"not {self.tokenizer.fingerprint}")
+        return None
+
+    def _build(self):
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(cfg.model).to(self.device)
+        self.model.grad_ckpt = cfg.grad_ckpt
+        self.wrapped = runtime.parallelize(self.model, self.dist, self.device, cfg.fsdp)
+        self.optimizer = _optimizer(self.model, cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=runtime.needs_grad_scaler(self.device, self.amp))
+        self.step, self.tokens_seen, self.best_val = 0, 0, float("inf")
+        self.saved_step = -1
+        resumed = self.manager.load_latest(self._compatible, log=self.log, map_location="cpu")
+        if resumed:
+            state, path = resumed
+            runtime.load_states(self.model, self.optimizer, state["model"], state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.batches.load_state_dict(state["data_state"])
+            self.step, self.tokens_seen, self.best_val = state["step"], state["tokens_seen"], state["best_val_loss"]
+            torch.set_rng_state(state["rng"]["cpu"])
+            if self.device.type == "cuda" and state["rng"]["cuda"]:
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            self.log(f"resumed from {path.name} at step {self.step} (epoch {self.batches.epoch}, "
+                     f"{self.tokens_seen:,} tokens seen)")
+        compile_on = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        self.forward = runtime.compile_model(self.wrapped, self.log) if compile_on else self.wrapped
+
+    def _state(self) -> dict:
+        """Everything a resume needs (a collective under FSDP: every rank calls it)."""
+        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
+        return {
+            "model": runtime.model_state(self.model),
+            "optimizer": runtime.optimizer_state(self.model, self.optimizer),
+            "scaler": self.scaler.state_dict(),
+            "scheduler": {"kind": "warmup_cosine", "step": self.step},  # the lr is a function of step
+            "step": self.step,
+            "epoch": self.batches.epoch,
+            "data_state": self.batches.state_dict(),
+            "tokens_seen": self.tokens_seen,
+            "best_val_loss": self.best_val,
+            "rng": {"cpu": torch.get_rng_state(), "cuda": cuda_rng},
+            "model_config": dataclasses.asdict(self.cfg.model),
+            "train_config": self.cfg.to_dict(),
+            "tokenizer_fingerprint": self.tokenizer.fingerprint,
+        }
+
+    def _announce(self):
+        cfg, model = self.cfg, self.model
+        self.tokens_per_step = cfg.batch_size * cfg.context * cfg.grad_accum  # global, any world size
+        self.flops_per_token = model.flops_per_token(cfg.context)
+        dtype = runtime.amp_dtype(self.device) if self.amp else torch.float32
+        self.peak = runtime.matmul_peak_flops(self.device, dtype)
+        self.log(f"model {cfg.preset}: {model.num_params():,} parameters "
+                 f"({model.num_params(exclude_padding=True):,} without the padded vocab rows), "
+                 f"{cfg.model.n_layer} layers x {cfg.model.n_embd} wide, {cfg.model.n_head} heads, "
+                 f"vocab {cfg.model.vocab_size}")
+        if self.dist.enabled:
+            self.log(f"distributed: {self.dist.world_size} processes, {'FSDP2' if cfg.fsdp else 'DDP'}, "
+                     f"{self.accum} micro-steps each per optimizer step")
+        self.log(f"device {self.device}, precision {dtype if self.amp else 'fp32'}"
+                 f"{' autocast' if self.amp else ''}, compile {'on' if self.forward is not model else 'off'}, "
+                 f"grad checkpointing {'on' if cfg.grad_ckpt else 'off'}, "
+                 f"{self.tokens_per_step:,} tokens/step, matmul roofline {self.peak / 1e12:.3g} TFLOP/s")
+        if self.device.type != "cuda":
+            remaining = (cfg.max_steps - self.step) * self.tokens_per_step * self.flops_per_token
+            estimate = remaining / (self.peak * ASSUMED_CPU_MFU)
+            self.log(f"no CUDA GPU: training on {self.device}; the remaining {cfg.max_steps - self.step} "
+                     f"steps of {cfg.preset} would take about {_duration(estimate)} here")
+
+    # -- the loop --
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        if self.main:
+            config.save_json(cfg.to_dict(), self.run_dir / TRAINING_ARGS)
+            config.save_json(dataclasses.asdict(cfg.model), self.run_dir / "config.json")
+        self._prepare_data()
+        self._build()
+        self._announce()
+        self.metrics = _Metrics(self.run_dir / "metrics.jsonl", self.main)
+        val_loss = None
+        try:
+            with _StopFlag(self.log) as stop:
+                val_loss, stopped = self._loop(stop)
+        finally:
+            self.metrics.close()
+            runtime.shutdown_distributed(self.dist)
+        return TrainResult(self.step, stopped, self.best_val, val_loss, self.run_dir)
+
+    def _loop(self, stop: _StopFlag) -> tuple[float | None, bool]:
+        cfg = self.cfg
+        started = time.monotonic()
+        bad_in_a_row, val_loss, window = 0, None, _Window()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=None)
+        self.model.train()
+        while self.step < cfg.max_steps:
+            window.start()
+            def out_of_time() -> bool:
+                return bool(cfg.max_minutes) and time.monotonic() - started >= cfg.max_minutes * 60
+
+            loss, grad_norm, halt = self._train_step(_lr_at(cfg, self.step),
+                                                     lambda: stop.requested or out_of_time())
+            if self._bad_step(loss, grad_norm):
+                bad_in_a_row += 1
+                self.log(f"step {self.step}: non-finite loss or gradients (loss {loss}, grad norm {grad_norm}); "
+                         f"update skipped ({bad_in_a_row} in a row)")
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise L1Error(f"training diverged: {bad_in_a_row} non-finite steps in a row at step "
+                                  f"{self.step}; lower --lr (now {cfg.lr}) and run again (it resumes from "
+                                  "the last good checkpoint, if any)")
+            else:
+                bad_in_a_row = 0
+                val_loss = self._after_step(window, loss, grad_norm, val_loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+            if halt:  # agreed by every rank, so none is left waiting in a collective
+                if self.saved_step != self.step:
+                    self._save(rolling=False, best=False)
+                why = "stop requested" if stop.requested else f"--max_minutes {cfg.max_minutes} reached"
+                self.log(f"{why}: stopped at step {self.step}; run the same command to continue")
+                bar.close()
+                return val_loss, True
+        bar.close()
+        self.log(f"done: step {self.step}, best validation loss {self.best_val:.4f}")
+        return val_loss, False
+
+    def _bad_step(self, loss: float, grad_norm: float) -> bool:
+        """A non-finite step; with fp16 loss scaling, overflowing gradients are the scaler's job."""
+        if self.scaler.is_enabled():
+            return not math.isfinite(loss)
+        return not (math.isfinite(loss) and math.isfinite(grad_norm))
+
+    def _after_step(self, window: "_Window", loss: float, grad_norm: float, val_loss: float | None):
+        """Count the step; log, evaluate and save on their schedules. Returns the latest val loss."""
+        cfg = self.cfg
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        window.add(loss, grad_norm, self.tokens_per_step)
+        finished = self.step == cfg.max_steps
+        if self.step % cfg.log_every == 0 or finished:
+            self._log_train(window.flush())
+        improved = False
+        if self.step % cfg.eval_every == 0 or finished:
+            val_loss = self._evaluate()
+            improved = val_loss < self.best_val
+            self.best_val = min(self.best_val, val_loss)
+        rolling = self.step % cfg.save_every == 0
+        if rolling or improved or finished:
+            self._save(rolling=rolling, best=improved)
+        return val_loss
+
+    def _train_step(self, lr: float, halt_requested) -> tuple[float, float, bool]:
+        """One optimizer step over the accumulation micro-batches: (mean loss, grad norm, halt).
+
+        The single host sync per step reads loss, norm and halt_requested() (a stop signal or the time
+        limit) together, summed over ranks: non-finite updates are skipped and every rank stops after
+        the same step.
+        """
+        device = self.device
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(self.accum):
+            x, y = self.batches.next()
+            x, y = _to_device(x, device), _to_device(y, device)
+            with runtime.gradient_sync(self.wrapped, enabled=micro == self.accum - 1):
+                with runtime.autocast(device, self.amp):
+                    loss = self.forward(x, y) / self.accum
+                self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = runtime.clip_grad_norm(self.wrapped, max_norm)
+        halt = torch.tensor(float(halt_requested()), device=device)
+        stats = torch.stack([loss_sum, grad_norm.float(), halt])
+        loss_total, norm_value, halts = runtime.all_reduce_sum(stats, self.dist).tolist()
+        loss_value = loss_total / self.dist.world_size
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, norm_value / self.dist.world_size if self.dist.enabled else norm_value, halts > 0
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
+        cfg, device = self.cfg, self.device
+        self.model.eval()
+        started = time.perf_counter()
+        totals = torch.zeros(2, device=device)  # loss sum, batch count: reduced over ranks together
+        for x, y in eval_batches(self.data.tokens("val"), cfg.context, cfg.batch_size, cfg.eval_batches,
+                                 rank=self.dist.rank, world_size=self.dist.world_size):
+            with runtime.autocast(device, self.amp):
+                totals[0] += self.forward(_to_device(x, device), _to_device(y, device)).float()
+            totals[1] += 1
+        self.model.train()
+        loss_sum, count = runtime.all_reduce_sum(totals, self.dist).tolist()
+        val_loss = loss_sum / count
+        bpb = val_loss / math.log(2) / self.data.bytes_per_token("val")
+        ppl = math.exp(min(val_loss, 50.0))
+        self.log(f"eval step {self.step}: val loss {val_loss:.4f}, perplexity {ppl:.2f}, "
+                 f"bits/byte {bpb:.4f} ({time.perf_counter() - started:.1f}s)")
+        self.metrics.write(kind="eval", step=self.step, epoch=self.batches.epoch, val_loss=val_loss,
+                           val_ppl=ppl, val_bpb=bpb, tokens_seen=self.tokens_seen, time=time.time())
+        return val_loss
+
+    def _save(self, rolling: bool, best: bool) -> None:
+        state = self._state()
+        if not self.main:
+            return
+        seconds = self.manager.save(state, rolling=rolling, best=best)
+        self.saved_step = self.step
+        names = [checkpoint.LATEST]
+        if rolling:
+            names.append(checkpoint.rolling_name(self.batches.epoch, self.step))
+        if best:
+            names.append(checkpoint.BEST)
+        self.log(f"saved {', '.join(names)} at step {self.step} in {seconds:.2f}s")
+
+    def _log_train(self, stats: dict) -> None:
+        tokens_per_s = stats["tokens"] / stats["seconds"]
+        mfu = tokens_per_s * self.flops_per_token / (self.peak * self.dist.world_size)
+        step_seconds = stats["seconds"] / stats["steps"]
+        eta = (self.cfg.max_steps - self.step) * step_seconds
+        memory = runtime.memory_in_use(self.device)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.log(f"step {self.step}/{self.cfg.max_steps} epoch {self.batches.epoch} loss {stats['loss']:.4f} "
+                 f"lr {lr:.2e} grad norm {stats['grad_norm']:.3f} tokens/s {tokens_per_s:,.0f} "
+                 f"mfu {100 * mfu:.1f}% mem {memory / 2**30:.2f}GiB eta {_duration(eta)}")
+        self.metrics.write(kind="train", step=self.step, epoch=self.batches.epoch, loss=stats["loss"], lr=lr,
+                           grad_norm=stats["grad_norm"], tokens_per_s=tokens_per_s, mfu=mfu,
+                           memory_bytes=memory, tokens_seen=self.tokens_seen, time=time.time())
+
+
+class _Window:
+    """Averages of the steps since the last log line."""
+
+    def __init__(self):
+        self.loss = self.grad_norm = self.seconds = 0.0
+        self.steps = self.tokens = 0
+        self.t0 = time.perf_counter()
+
+    def start(self):
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: float, grad_norm: float, tokens: int):
+        self.loss += loss
+        self.grad_norm += grad_norm
+        self.steps += 1
+        self.tokens += tokens
+        self.seconds += time.perf_counter() - self.t0
+
+    def flush(self) -> dict:
+        stats = {"loss": self.loss / self.steps, "grad_norm": self.grad_norm / self.steps,
+                 "steps": self.steps, "tokens": self.tokens, "seconds": max(self.seconds, 1e-9)}
+        self.__init__()
+        return stats
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Pinned, non-blocking host-to-GPU copies; a no-op on CPU."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

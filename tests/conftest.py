@@ -1,0 +1,70 @@
+"""Shared fixtures: a small synthetic corpus and a tiny, fast training configuration."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_SAMPLE = REPO.parent / "shared" / "data" / "wikipedia-sample"
+
+WORDS = ("the a of and to in is was for on that with as by at from his her it an were are which this "
+         "be or has had first one their its new after who they have two but also been other all "
+         "city river king war game music film team school church village state year people born "
+         "played built known called world album song series station league season county island").split()
+
+
+def make_documents(n_docs: int = 200, seed: int = 0) -> list[str]:
+    """Deterministic English-like documents of a few sentences each."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        sentences = []
+        for _ in range(rng.randint(2, 6)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(5, 14))]
+            sentences.append(" ".join(words).capitalize() + ".")
+        docs.append(" ".join(sentences))
+    return docs
+
+
+def write_parquet(path: Path, docs: list[str]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": [str(i) for i in range(len(docs))],
+                      "url": [f"https://example.org/{i}" for i in range(len(docs))],
+                      "title": [f"Doc {i}" for i in range(len(docs))], "text": docs})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A folder holding one parquet file in the hub's schema."""
+    folder = tmp_path_factory.mktemp("corpus")
+    write_parquet(folder / "train-00000-of-00001.parquet", make_documents())
+    return folder
+
+
+def tiny_args(corpus: Path, tmp: Path, **extra) -> list[str]:
+    """Command-line flags for a seconds-long CPU run of a very small model."""
+    values = {"preset": "tiny", "data": corpus, "data_dir": tmp / "data", "out": tmp / "run",
+              "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "vocab_size": 512, "val_fraction": 0.1,
+              "batch_size": 4, "seq_len": 32, "grad_accum": 2, "max_steps": 12, "save_every": 4,
+              "eval_every": 4, "eval_batches": 2, "log_every": 2, "warmup_steps": 3, "device": "cpu"}
+    values.update(extra)
+    args = ["--no-compile"]
+    for key, value in values.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def run_script(script: str, *args, cwd=REPO, timeout=300, **popen) -> subprocess.CompletedProcess:
+    """Run one of the repo's scripts as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, **popen)

@@ -1,0 +1,57 @@
+"""torchrun with 2 CPU processes (gloo): DDP and FSDP2 follow the single-process loss curve."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_script, tiny_args
+from l1.checkpoint import load_file
+
+TOLERANCE = 1e-4  # relative, per logged step: only float summation order differs
+
+
+def torchrun(args, nproc=2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "train_gpu_compatible.py"), *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def losses(run) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def single_run(corpus, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "train_gpu_compatible.py"),
+                             *map(str, tiny_args(corpus, tmp, max_steps=8, log_every=1))],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(corpus, tmp_path, single_run, mode):
+    extra = ["--fsdp"] if mode == "fsdp" else []
+    result = torchrun(tiny_args(corpus, tmp_path, max_steps=8, log_every=1) + extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    ours, reference = losses(run), losses(single_run)
+    assert ours.keys() == reference.keys() == set(range(1, 9))
+    for step in reference:
+        assert ours[step] == pytest.approx(reference[step], rel=TOLERANCE), step
+    log = (run / "training.log").read_text()
+    assert f"distributed: 2 processes, {'FSDP2' if mode == 'fsdp' else 'DDP'}" in log
+    assert log.count("model tiny:") == 1, "only rank 0 writes the log"
+    # The checkpoint it wrote resumes in a single process and matches the single run's weights.
+    state = load_file(run / "latest_checkpoint.pt")
+    assert state["step"] == 8
+    resumed = run_script("train_gpu_compatible.py", *tiny_args(corpus, tmp_path, max_steps=10))
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_file(run / "latest_checkpoint.pt")["step"] == 10

@@ -1,0 +1,205 @@
+"""The trainer: exact resume, checkpoint layout and rotation, best tracking, signals, refusals."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import train_gpu_compatible
+from conftest import run_script, tiny_args
+from l1 import trainer
+from l1.checkpoint import load_file
+from l1.errors import L1Error
+
+
+def train(argv) -> int:
+    return train_gpu_compatible.main([str(a) for a in argv])
+
+
+def weights(run) -> dict:
+    return load_file(run / "latest_checkpoint.pt")["model"]
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def stop_during(monkeypatch, step: int):
+    """Deliver a real SIGTERM to this process while optimizer step `step` is being computed."""
+    original = trainer._Run._train_step
+
+    def train_step(self, *args):
+        if self.step + 1 == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args)
+
+    monkeypatch.setattr(trainer._Run, "_train_step", train_step)
+
+
+def test_promised_run_folder_layout_and_logs(corpus, tmp_path):
+    assert train(tiny_args(corpus, tmp_path, keep=2)) == 0
+    run = tmp_path / "run"
+    names = sorted(p.name for p in run.iterdir())
+    assert names == ["best_checkpoint.pt", "checkpoint_epoch_0_step_12.pt", "checkpoint_epoch_0_step_8.pt",
+                     "config.json", "latest_checkpoint.pt", "metrics.jsonl", "tokenizer.json",
+                     "training.log", "training_args.json"]  # keep=2 of the rolling saves at 4, 8, 12
+    for name in ("best_checkpoint.pt", "latest_checkpoint.pt", "tokenizer.json", "config.json",
+                 "training_args.json", "training.log", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "config.json").read_text())["n_layer"] == 2
+    assert json.loads((run / "training_args.json").read_text())["max_steps"] == 12
+    log = (run / "training.log").read_text()
+    assert "parameters" in log and "eval step 12" in log and "saved latest_checkpoint.pt" in log
+    assert "tokens/s" in log and "mfu" in log and "eta" in log
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"train", "eval"}
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4, 6, 8, 10, 12]
+
+
+def test_checkpoint_contents_load_weights_only(corpus, tmp_path):
+    assert train(tiny_args(corpus, tmp_path, max_steps=4)) == 0
+    state = torch.load(tmp_path / "run" / "latest_checkpoint.pt", weights_only=True)
+    for key in ("model", "optimizer", "scaler", "scheduler", "step", "epoch", "data_state", "tokens_seen",
+                "best_val_loss", "rng", "model_config", "train_config", "tokenizer_fingerprint"):
+        assert key in state, key
+    assert state["step"] == 4 and state["tokens_seen"] == 4 * 4 * 32 * 2
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in state["model"])
+
+
+def test_best_checkpoint_has_the_lowest_validation_loss(corpus, tmp_path):
+    assert train(tiny_args(corpus, tmp_path, max_steps=16, lr=0.05, warmup_steps=1)) == 0
+    run = tmp_path / "run"
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "eval"]
+    best_eval = min(evals, key=lambda r: r["val_loss"])
+    best = load_file(run / "best_checkpoint.pt")
+    assert best["step"] == best_eval["step"]
+    assert best["best_val_loss"] == pytest.approx(best_eval["val_loss"])
+
+
+def test_resume_is_bitwise_exact_across_an_epoch_boundary(corpus, tmp_path, monkeypatch):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert train(tiny_args(corpus, straight, max_steps=30)) == 0
+    stop_during(monkeypatch, 7)
+    assert train(tiny_args(corpus, stopped, max_steps=30)) == 0  # SIGTERM: clean stop, exit 0
+    assert load_file(stopped / "run" / "latest_checkpoint.pt")["step"] == 7
+    monkeypatch.undo()
+    assert train(tiny_args(corpus, stopped, max_steps=30)) == 0
+    final = load_file(stopped / "run" / "latest_checkpoint.pt")
+    assert final["step"] == 30 and final["epoch"] >= 1, "the run must cross an epoch boundary"
+    assert_bitwise_equal(weights(straight / "run"), final["model"])
+    assert "resumed from latest_checkpoint.pt at step 7" in (stopped / "run" / "training.log").read_text()
+
+
+def test_resume_after_sigkill_is_bitwise_exact(corpus, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    args = tiny_args(corpus, tmp_path / "killed", max_steps=40, save_every=2, eval_every=100)
+    straight = run_script("train_gpu_compatible.py", *tiny_args(corpus, tmp_path / "straight", max_steps=40,
+                                                                 save_every=2, eval_every=100))
+    assert straight.returncode == 0, straight.stderr
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_gpu_compatible.py"), *map(str, args)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "killed" / "run"
+    deadline = time.time() + 120
+    while not list(run.glob("checkpoint_epoch_*_step_1[0-9].pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert load_file(run / "latest_checkpoint.pt")["step"] < 40
+    resumed = run_script("train_gpu_compatible.py", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_bitwise_equal(weights(tmp_path / "straight" / "run"), weights(run))
+
+
+def test_sigterm_mid_run_saves_and_exits_zero(corpus, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    args = tiny_args(corpus, tmp_path, max_steps=100000, save_every=100000, eval_every=100000)
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_gpu_compatible.py"), *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "training.log"
+    deadline = time.time() + 120
+    while not (log.is_file() and "step 4/" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    state = load_file(tmp_path / "run" / "latest_checkpoint.pt")
+    assert state["step"] >= 4
+    assert "SIGTERM received" in log.read_text() and "stopped at step" in log.read_text()
+
+
+def test_interrupted_save_leaves_older_checkpoints_loadable(corpus, tmp_path, monkeypatch):
+    assert train(tiny_args(corpus, tmp_path, max_steps=4)) == 0
+    run = tmp_path / "run"
+    before = load_file(run / "latest_checkpoint.pt")
+
+    def torn_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # the process dies in the middle of writing
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_args(corpus, tmp_path, max_steps=8))
+    monkeypatch.undo()
+    after = load_file(run / "latest_checkpoint.pt")
+    assert after["step"] == before["step"] == 4
+    assert_bitwise_equal(before["model"], after["model"])
+    assert train(tiny_args(corpus, tmp_path, max_steps=8)) == 0
+    assert load_file(run / "latest_checkpoint.pt")["step"] == 8
+
+
+def test_mismatched_resume_is_refused(corpus, tmp_path):
+    assert train(tiny_args(corpus, tmp_path, max_steps=4)) == 0
+    with pytest.raises(L1Error, match="different model"):
+        trainer.train(trainer.configure({"out": str(tmp_path / "run"), "model": {"n_layer": 3}}))
+    other = run_script("train_gpu_compatible.py", *tiny_args(corpus, tmp_path, max_steps=8, n_embd=32))
+    assert other.returncode == 2
+    assert other.stderr.startswith("error: ") and "different model" in other.stderr
+    assert "Traceback" not in other.stderr
+
+
+def test_resume_keeps_stored_config_unless_overridden(corpus, tmp_path):
+    assert train(tiny_args(corpus, tmp_path, max_steps=4, lr=0.003)) == 0
+    cfg = trainer.configure({"out": str(tmp_path / "run"), "max_steps": 6})
+    assert cfg.lr == 0.003 and cfg.max_steps == 6 and cfg.model.n_layer == 2 and cfg.batch_size == 4
+
+
+def test_fresh_moves_the_old_run_aside(corpus, tmp_path):
+    assert train(tiny_args(corpus, tmp_path, max_steps=4)) == 0
+    assert train(tiny_args(corpus, tmp_path, max_steps=2) + ["--fresh"]) == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and load_file(aside[0] / "latest_checkpoint.pt")["step"] == 4
+    assert load_file(tmp_path / "run" / "latest_checkpoint.pt")["step"] == 2
+
+
+def test_non_finite_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
+    from l1.model import GPT
+
+    assert train(tiny_args(corpus, tmp_path, max_steps=2)) == 0
+
+    original = GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, *a, **k: original(self, *a, **k) * float("nan"))
+    with pytest.raises(L1Error, match="non-finite steps in a row"):
+        trainer.train(trainer.configure({"out": str(tmp_path / "run"), "max_steps": 10, "max_bad_steps": 3}))
+    assert "update skipped (3 in a row)" in (tmp_path / "run" / "training.log").read_text()
+
+
+def test_end_to_end_script_run(corpus, tmp_path):
+    result = run_script("train_gpu_compatible.py", *tiny_args(corpus, tmp_path, max_steps=6))
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "run" / "training.log").read_text()
+    assert "no CUDA GPU: training on cpu" in log and "done: step 6" in log
