@@ -48,7 +48,21 @@ def configure(overrides: dict, file_values: dict | None = None, fresh: bool = Fa
     stored = None
     if stored_path.is_file():
         stored = config.load_json(stored_path)
+        _check_config_json(out / "config.json", stored.get("model", {}))
     return config.resolve(overrides, stored, file_values)
+
+
+def _check_config_json(path: Path, stored_model: dict) -> None:
+    """A run's config.json must agree with its training_args.json: an edited one is refused, not replaced."""
+    if not path.is_file():
+        return
+    edited = config.load_json(path)
+    diff = sorted(k for k in set(edited) | set(stored_model) if edited.get(k) != stored_model.get(k))
+    if diff:
+        says = ", ".join(f"{k} {edited.get(k)!r}" for k in diff)
+        truth = ", ".join(f"{k} {stored_model.get(k)!r}" for k in diff)
+        raise L1Error(f"{path} says {says}, but the run was trained with {truth}; restore the file, "
+                      "or start over with --fresh")
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
