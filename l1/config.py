@@ -158,8 +158,8 @@ PRESETS: dict[str, dict] = {
     # Learns recognizable English in minutes on 2 CPU cores.
     "tiny": {
         "model": {"vocab_size": 4096, "n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256},
-        "batch_size": 16, "grad_accum": 1, "lr": 2e-3, "max_steps": 2000, "warmup_steps": 100,
-        "eval_every": 200, "eval_batches": 10,
+        "batch_size": 16, "grad_accum": 1, "lr": 2e-3, "max_steps": 400, "warmup_steps": 40,
+        "eval_every": 100, "eval_batches": 10,
     },
 }
 
