@@ -145,6 +145,33 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class SamplingConfig:
+    """How generate_simple.py samples; each field is one of its flags."""
+
+    max_tokens: int = knob(50, "tokens to generate per prompt")
+    temperature: float = knob(0.8, "softmax temperature; 0 = greedy (always the most likely token)")
+    top_k: int = knob(50, "sample among the k most likely tokens (0 = all)")
+    top_p: float = knob(1.0, "nucleus sampling: the smallest set of tokens with this much probability (1 = all)")
+    repetition_penalty: float = knob(1.0, "divide the logits of tokens already in the text by this (1 = off)")
+    num_samples: int = knob(1, "samples per prompt")
+    seed: int = knob(1234, "random seed: the same seed gives the same text")
+
+    def __post_init__(self):
+        if not 0 < self.max_tokens <= 100_000:
+            raise L1Error(f"--max_tokens must be between 1 and 100000, got {self.max_tokens}")
+        if not self.temperature >= 0 or not math.isfinite(self.temperature):
+            raise L1Error(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise L1Error(f"--top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise L1Error(f"--top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise L1Error(f"--repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not 1 <= self.num_samples <= 1000:
+            raise L1Error(f"--num_samples must be between 1 and 1000, got {self.num_samples}")
+
+
 # Presets are data: only what differs from the dataclass defaults.
 PRESETS: dict[str, dict] = {
     # The flagship for one 16 GB GPU: 12 x 1024, 16 heads, 20k BPE, context 1024.
@@ -265,23 +292,37 @@ def resolve(overrides: dict, stored: dict | None = None, file_values: dict | Non
 # ---- command line -----------------------------------------------------------------------------
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field (sections flattened), each defaulting to 'not given'."""
+    """One flag per training config field (sections flattened), each defaulting to 'not given'."""
     for cls, prefix in ((TrainConfig, ""), (ModelConfig, "model"), (DataConfig, "data")):
-        kinds = _field_types(cls)
-        group = parser.add_argument_group(f"{prefix or 'training'} options")
-        for f in dataclasses.fields(cls):
-            if cls is TrainConfig and f.name in _SECTIONS:
-                continue
-            kind = kinds[f.name]
-            default = f.default
-            help_text = f"{f.metadata['help']} (default: {default})"
-            dest = f"{prefix}.{f.name}" if prefix else f.name
-            if kind in (bool, typing.Optional[bool]):
-                group.add_argument(f"--{f.name}", dest=dest, action=argparse.BooleanOptionalAction,
-                                   default=argparse.SUPPRESS, help=help_text)
-            else:
-                group.add_argument(f"--{f.name}", dest=dest, type=kind, default=argparse.SUPPRESS,
-                                   metavar=f.name.upper(), help=help_text)
+        _add_fields(parser, cls, prefix, f"{prefix or 'training'} options")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per SamplingConfig field."""
+    _add_fields(parser, SamplingConfig, "", "sampling options")
+
+
+def sampling_config_from_args(args: argparse.Namespace) -> SamplingConfig:
+    """The SamplingConfig of the flags given (defaults for the others)."""
+    names = {f.name for f in dataclasses.fields(SamplingConfig)}
+    return SamplingConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str, title: str) -> None:
+    kinds = _field_types(cls)
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        if cls is TrainConfig and f.name in _SECTIONS:
+            continue
+        kind = kinds[f.name]
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        dest = f"{prefix}.{f.name}" if prefix else f.name
+        if kind in (bool, typing.Optional[bool]):
+            group.add_argument(f"--{f.name}", dest=dest, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(f"--{f.name}", dest=dest, type=kind, default=argparse.SUPPRESS,
+                               metavar=f.name.upper(), help=help_text)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

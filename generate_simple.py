@@ -1,0 +1,52 @@
+"""Sample from a trained L1 model: `python generate_simple.py --prompt "The future of AI is"`.
+
+Without --model_path it uses the best checkpoint of the most recently trained run under models/.
+Without --prompt it reads prompts from standard input, one per line, and generates them as a batch.
+"""
+
+import argparse
+import sys
+
+from l1 import config
+from l1.errors import L1Error
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line: prompt, model and device, plus one flag per sampling config field."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--prompt", help="text to continue (default: read prompts from stdin, one per line)")
+    parser.add_argument("--model_path", help="a run folder or a checkpoint file (default: the newest run)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop a sample where this text appears (may be given several times)")
+    config.add_sampling_flags(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        from l1 import sampler  # imported late so --help is instant
+
+        cfg = config.sampling_config_from_args(args)
+        prompts = [args.prompt] if args.prompt is not None else [l.rstrip("\n") for l in sys.stdin if l.strip()]
+        if not prompts:
+            raise L1Error("no prompt: pass --prompt TEXT or give prompts on standard input, one per line")
+        lm = sampler.load(args.model_path, args.device)
+        print(f"[{lm.path} | step {lm.step} | {lm.device}]", file=sys.stderr)
+        if len(prompts) * cfg.num_samples == 1:  # one text: stream it as it comes
+            print(prompts[0], end="", flush=True)
+            sampler.generate(lm, prompts, cfg, tuple(args.stop), on_piece=lambda _, piece: print(piece, end="", flush=True))
+            print()
+        else:
+            texts = sampler.generate(lm, prompts, cfg, tuple(args.stop))
+            for i, text in enumerate(texts):
+                print(prompts[i // cfg.num_samples] + text + ("\n" if i + 1 < len(texts) else ""))
+    except L1Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
