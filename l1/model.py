@@ -46,18 +46,24 @@ class KVCache:
 
 
 def rope_tables(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (max_pos, head_dim), in the rotate-half layout Llama uses."""
+    """cos and sin of shape (max_pos, head_dim) in Llama's rotate-half layout, rotate_half's sign
+    folded into sin (its first half negated)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-angles, angles], dim=-1).sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + D/2) of x (B, H, T, D) by the angles of each position."""
+    """Rotate pairs (i, i + D/2) of x (..., D) by the angles of each position (cos/sin broadcast to x).
+
+    rotate_half(x) swaps the halves of x and negates the first: a flip of the (2, D/2) view, the
+    sign being in sin. Unlike slicing and concatenating, a flip's backward is a single flip, not a
+    zero-filled buffer per slice.
+    """
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    pairs = x.unflatten(-1, (2, half))
+    cos, sin = cos.to(x.dtype).unflatten(-1, (2, half)), sin.to(x.dtype).unflatten(-1, (2, half))
+    return (pairs * cos + pairs.flip(-2) * sin).flatten(-2)
 
 
 class Attention(nn.Module):
@@ -69,15 +75,23 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Split rather than index the fused output: the backward is then one concatenation.
+        qk, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).split([2, 1], dim=2)
+        qk = apply_rope(qk, cos[..., None, None, :], sin[..., None, None, :])  # q and k in one go
+        q, k = qk.permute(2, 0, 3, 1, 4)  # (B, H, T, D) views
+        v = v.squeeze(2).transpose(1, 2)
         if cache is not None:
             k, v = cache.store(layer, k, v)
-        if mask is None:
+        if T == 1:
+            # One decoding query: two small matmuls. SDPA's CPU flash kernel is ~100x slower here.
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            y = scores.float().softmax(dim=-1).to(v.dtype) @ v
+        elif mask is None:
             # Without a cache, or when the query block starts the sequence, causal alignment is
-            # the default top-left one; a single decoding query may see every cached key.
-            causal = T > 1
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            # the default top-left one (the flash / memory-efficient kernels on CUDA).
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -151,8 +165,9 @@ class GPT(nn.Module):
         if positions is None:
             if start + T > self.cfg.block_size:
                 raise ValueError(f"{start + T} tokens exceed the context of {self.cfg.block_size}")
-            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
-        cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, D) views
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D)
         mask = self._attention_mask(T, start, key_mask, idx.device)
         x = self.embed(idx)
         for i, block in enumerate(self.blocks):

@@ -156,48 +156,69 @@ def generate(lm: LoadedModel, prompts: list[str], cfg: SamplingConfig, stop: tup
     on_piece(row, text) receives the text of each row as it is generated (rows are prompts
     repeated num_samples times, in order).
     """
-    model, tok, block = lm.model, lm.tokenizer, lm.model.cfg.block_size
-    encoded = []
+    tok, block = lm.tokenizer, lm.model.cfg.block_size
+    rows = []
     for prompt in prompts:
         if not prompt.strip():
             raise L1Error("empty prompt: give some text to continue")
         ids = tok.encode(prompt)
         if len(ids) >= block:
             raise L1Error(f"the prompt is {len(ids)} tokens, but the model's context is {block}; shorten it")
-        encoded += [ids] * cfg.num_samples
-    generator = torch.Generator(lm.device).manual_seed(cfg.seed)
-    batch = _Batch([list(ids) for ids in encoded], tok.eot_id, block, lm.device)
-    generated = [[] for _ in encoded]
-    streamers = [_Streamer(tok, stop) for _ in encoded]
-    done = torch.zeros(len(encoded), dtype=torch.bool, device=lm.device)
-    seen = torch.zeros(len(encoded), model.cfg.padded_vocab_size, dtype=torch.bool, device=lm.device)
-    for i, ids in enumerate(encoded):
-        seen[i, ids] = True
-    logits, state = _prefill(model, batch, block)
-    for _ in range(cfg.max_tokens):
-        token = next_tokens(logits, seen, cfg, tok.vocab_size, generator)
-        token = torch.where(done, tok.eot_id, token)
-        seen[torch.arange(len(encoded)), token] = True
-        for i, t in enumerate(token.tolist()):
-            if done[i]:
-                continue
-            batch.rows[i].append(t)
-            if t == tok.eot_id:
-                done[i] = True
-                continue
-            generated[i].append(t)
-            if stop and streamers[i].text(generated[i])[1]:
-                done[i] = True
-            elif on_piece:
-                on_piece(i, streamers[i].piece(generated[i], final=False))
-        if done.all():
-            break
-        logits, state = _decode_one(model, batch, block, token, state)
+        rows += [ids] * cfg.num_samples
+    streamers = [_Streamer(tok, stop) for _ in rows]
+
+    def on_token(row: int, generated: list[int]) -> bool:
+        if stop and streamers[row].text(generated)[1]:
+            return True
+        if on_piece:
+            on_piece(row, streamers[row].piece(generated, final=False))
+        return False
+
+    generated = generate_ids(lm.model, rows, cfg, vocab_size=tok.vocab_size, eot_id=tok.eot_id,
+                             device=lm.device, on_token=on_token)
     texts = [s.text(g)[0] for s, g in zip(streamers, generated)]
     if on_piece:
         for i, g in enumerate(generated):
             on_piece(i, streamers[i].piece(g, final=True))
     return texts
+
+
+@torch.inference_mode()
+def generate_ids(model: GPT, prompts: list[list[int]], cfg: SamplingConfig, *, vocab_size: int,
+                 eot_id: int | None, device: torch.device,
+                 on_token: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+    """Token-level decoding of a batch: the new ids of each row (end-of-text excluded).
+
+    A row ends at eot_id (None: never), after cfg.max_tokens, or when on_token(row, ids) is true.
+    """
+    block = model.cfg.block_size
+    pad_id = eot_id if eot_id is not None else 0
+    batch = _Batch([list(ids) for ids in prompts], pad_id, block, device)
+    generated = [[] for _ in prompts]
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    seen = torch.zeros(len(prompts), model.cfg.padded_vocab_size, dtype=torch.bool, device=device)
+    for i, ids in enumerate(prompts):
+        seen[i, ids] = True
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    logits, state = _prefill(model, batch, block)
+    for _ in range(cfg.max_tokens):
+        token = next_tokens(logits, seen, cfg, vocab_size, generator)
+        token = torch.where(done, pad_id, token)
+        seen[torch.arange(len(prompts)), token] = True
+        for i, t in enumerate(token.tolist()):
+            if done[i]:
+                continue
+            batch.rows[i].append(t)
+            if t == eot_id:
+                done[i] = True
+                continue
+            generated[i].append(t)
+            if on_token and on_token(i, generated[i]):
+                done[i] = True
+        if done.all():
+            break
+        logits, state = _decode_one(model, batch, block, token, state)
+    return generated
 
 
 def _prefill(model: GPT, batch: _Batch, keep: int):
