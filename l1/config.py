@@ -95,8 +95,12 @@ class TrainConfig:
     seq_len: int = knob(0, "tokens per training sequence (0 = the model's block_size)")
     grad_accum: int = knob(8, "micro-batches accumulated per optimizer step")
     lr: float = knob(6e-4, "peak learning rate")
-    min_lr_ratio: float = knob(0.1, "cosine decay floor, as a fraction of --lr")
+    min_lr_ratio: float = knob(0.1, "learning-rate floor at the end of the schedule, as a fraction of --lr")
     warmup_steps: int = knob(200, "linear warmup steps")
+    schedule: str = knob("cosine", "after warmup: cosine (decay to the floor) or wsd (constant, then a "
+                                   "linear decay over the last decay_fraction of the steps)")
+    decay_fraction: float = knob(0.2, "wsd: fraction of the steps spent decaying")
+    optimizer: str = knob("adamw", "adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)")
     weight_decay: float = knob(0.1, "AdamW weight decay (matrices only)")
     beta1: float = knob(0.9, "AdamW beta1")
     beta2: float = knob(0.95, "AdamW beta2")
@@ -128,6 +132,12 @@ class TrainConfig:
         if self.seq_len > self.model.block_size:
             raise L1Error(f"seq_len ({self.seq_len}) exceeds the model's block_size "
                           f"({self.model.block_size})")
+        if self.schedule not in ("cosine", "wsd"):
+            raise L1Error(f"schedule must be cosine or wsd, got {self.schedule!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise L1Error(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if not 0 < self.decay_fraction <= 1:
+            raise L1Error(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         for beta in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, beta) < 1.0:
                 raise L1Error(f"{beta} must be in [0, 1), got {getattr(self, beta)}")

@@ -241,16 +241,17 @@ def model_state(model: torch.nn.Module) -> dict:
     return get_model_state_dict(model, options=_state_options(cpu_offload=True))
 
 
-def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def optimizer_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict:
     """Full optimizer state keyed by parameter name, so any world size or wrapper can resume it."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, optimizer, options=_state_options(cpu_offload=True))
+    return get_optimizer_state_dict(model, optimizers, options=_state_options(cpu_offload=True))
 
 
-def load_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
+def load_states(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], model_sd: dict,
+                optim_sd: dict) -> None:
     """Restore full model and optimizer states into a (possibly wrapped or sharded) model."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     set_model_state_dict(model, model_sd, options=_state_options())
-    set_optimizer_state_dict(model, optimizer, optim_sd, options=_state_options())
+    set_optimizer_state_dict(model, optimizers, optim_sd, options=_state_options())

@@ -66,21 +66,34 @@ def _check_config_json(path: Path, stored_model: dict) -> None:
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio x lr at max_steps."""
+    """Linear warmup, then cosine decay to the floor, or constant then a linear decay (wsd)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * cfg.max_steps))
+        progress = min(1.0, max(0.0, (step - (cfg.max_steps - decay_steps)) / decay_steps))
+        return cfg.lr - (cfg.lr - floor) * progress
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
-def _optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms); fused kernels on CUDA and CPU."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def _optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """AdamW with weight decay on matrices only (not norms), fused on CUDA and CPU; with
+    --optimizer muon, the blocks' matrices go to torch's Muon (its update scaled to AdamW's RMS,
+    so one --lr serves both) and the embedding and norms stay with AdamW."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    muon = [p for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.")]
+    taken = {id(p) for p in muon}
+    rest = [p for _, p in named if id(p) not in taken]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)]
+    if muon:
+        optimizers.append(torch.optim.Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           adjust_lr_fn="match_rms_adamw"))
+    return optimizers
 
 
 # ---- logging ------------------------------------------------------------------------------------
@@ -238,14 +251,16 @@ class _Run:
         self.model = GPT(cfg.model).to(self.device)
         self.model.grad_ckpt = cfg.grad_ckpt
         self.wrapped = runtime.parallelize(self.model, self.dist, self.device, cfg.fsdp)
-        self.optimizer = _optimizer(self.model, cfg, self.device)
+        if cfg.optimizer == "muon" and cfg.fsdp:
+            raise L1Error("--optimizer muon does not work with --fsdp (sharded matrices); use DDP or adamw")
+        self.optimizers = _optimizers(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=runtime.needs_grad_scaler(self.device, self.amp))
         self.step, self.tokens_seen, self.best_val = 0, 0, float("inf")
         self.saved_step = -1
         resumed = self.manager.load_latest(self._compatible, log=self.log, map_location="cpu")
         if resumed:
             state, path = resumed
-            runtime.load_states(self.model, self.optimizer, state["model"], state["optimizer"])
+            runtime.load_states(self.model, self.optimizers, state["model"], state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             self.batches.load_state_dict(state["data_state"])
             self.step, self.tokens_seen, self.best_val = state["step"], state["tokens_seen"], state["best_val_loss"]
@@ -262,7 +277,7 @@ class _Run:
         cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
         return {
             "model": runtime.model_state(self.model),
-            "optimizer": runtime.optimizer_state(self.model, self.optimizer),
+            "optimizer": runtime.optimizer_state(self.model, self.optimizers),
             "scaler": self.scaler.state_dict(),
             "scheduler": {"kind": "warmup_cosine", "step": self.step},  # the lr is a function of step
             "step": self.step,
@@ -390,8 +405,9 @@ class _Run:
         the same step.
         """
         device = self.device
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(self.accum):
             x, y = self.batches.next()
@@ -401,7 +417,8 @@ class _Run:
                     loss = self.forward(x, y) / self.accum
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        self.scaler.unscale_(self.optimizer)
+        for optimizer in self.optimizers:
+            self.scaler.unscale_(optimizer)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = runtime.clip_grad_norm(self.wrapped, max_norm)
         halt = torch.tensor(float(halt_requested()), device=device)
@@ -409,9 +426,11 @@ class _Run:
         loss_total, norm_value, halts = runtime.all_reduce_sum(stats, self.dist).tolist()
         loss_value = loss_total / self.dist.world_size
         if math.isfinite(loss_value) and math.isfinite(norm_value):
-            self.scaler.step(self.optimizer)
+            for optimizer in self.optimizers:
+                self.scaler.step(optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         return loss_value, norm_value / self.dist.world_size if self.dist.enabled else norm_value, halts > 0
 
     @torch.no_grad()
@@ -455,7 +474,7 @@ class _Run:
         step_seconds = stats["seconds"] / stats["steps"]
         eta = (self.cfg.max_steps - self.step) * step_seconds
         memory = runtime.memory_in_use(self.device)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.optimizers[0].param_groups[0]["lr"]
         self.log(f"step {self.step}/{self.cfg.max_steps} epoch {self.batches.epoch} loss {stats['loss']:.4f} "
                  f"lr {lr:.2e} grad norm {stats['grad_norm']:.3f} tokens/s {tokens_per_s:,.0f} "
                  f"mfu {100 * mfu:.1f}% mem {memory / 2**30:.2f}GiB eta {_duration(eta)}")

@@ -81,14 +81,15 @@ def test_best_checkpoint_has_the_lowest_validation_loss(corpus, tmp_path):
     assert best["best_val_loss"] == pytest.approx(best_eval["val_loss"])
 
 
-def test_resume_is_bitwise_exact_across_an_epoch_boundary(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", [{}, {"optimizer": "muon", "schedule": "wsd"}], ids=["adamw-cosine", "muon-wsd"])
+def test_resume_is_bitwise_exact_across_an_epoch_boundary(corpus, tmp_path, monkeypatch, recipe):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert train(tiny_args(corpus, straight, max_steps=30)) == 0
+    assert train(tiny_args(corpus, straight, max_steps=30, **recipe)) == 0
     stop_during(monkeypatch, 7)
-    assert train(tiny_args(corpus, stopped, max_steps=30)) == 0  # SIGTERM: clean stop, exit 0
+    assert train(tiny_args(corpus, stopped, max_steps=30, **recipe)) == 0  # SIGTERM: clean stop, exit 0
     assert load_file(stopped / "run" / "latest_checkpoint.pt")["step"] == 7
     monkeypatch.undo()
-    assert train(tiny_args(corpus, stopped, max_steps=30)) == 0
+    assert train(tiny_args(corpus, stopped, max_steps=30, **recipe)) == 0
     final = load_file(stopped / "run" / "latest_checkpoint.pt")
     assert final["step"] == 30 and final["epoch"] >= 1, "the run must cross an epoch boundary"
     assert_bitwise_equal(weights(straight / "run"), final["model"])
@@ -203,3 +204,19 @@ def test_end_to_end_script_run(corpus, tmp_path):
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "run" / "training.log").read_text()
     assert "no CUDA GPU: training on cpu" in log and "done: step 6" in log
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_learning_rate_schedules(schedule):
+    from l1.config import resolve
+
+    cfg = resolve({"preset": "tiny", "max_steps": 100, "warmup_steps": 10, "lr": 1.0, "min_lr_ratio": 0.1,
+                   "schedule": schedule, "decay_fraction": 0.2})
+    lrs = [trainer._lr_at(cfg, s) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[9:], lrs[10:])), "no increase after warmup"
+    assert trainer._lr_at(cfg, 100) == pytest.approx(0.1)
+    if schedule == "wsd":
+        assert lrs[10:80] == [1.0] * 70 and lrs[90] == pytest.approx(0.55)
+    else:
+        assert lrs[55] == pytest.approx(0.55, abs=0.01)
