@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,7 @@ class _TqdmHandler(logging.Handler):
     """Console lines that do not break the progress bar."""
 
     def emit(self, record):
-        tqdm.write(self.format(record))
+        tqdm.write(self.format(record), file=sys.stderr)
 
 
 def _make_logger(run_dir: Path, writes: bool) -> logging.Logger:
