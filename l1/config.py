@@ -18,9 +18,18 @@ from pathlib import Path
 from l1.errors import L1Error
 
 
-def knob(default, help: str):
-    """A dataclass field whose help text becomes the help of its command-line flag."""
-    return field(default=default, metadata={"help": help})
+def knob(default, help: str, auto: bool = False):
+    """A dataclass field whose help text becomes the help of its command-line flag.
+
+    auto=True lets the flag take the word 'auto', stored as 0.
+    """
+    return field(default=default, metadata={"help": help, "auto": auto})
+
+
+def _int_or_auto(text: str) -> int:
+    if text == "auto":
+        return 0
+    return int(text)
 
 
 @dataclass
@@ -41,6 +50,9 @@ class ModelConfig:
     def __post_init__(self):
         _require_positive(self, "vocab_size", "n_layer", "n_head", "n_embd", "block_size",
                           "rope_theta", "norm_eps", "init_std", "pad_vocab_to")
+        if self.vocab_size < 257:
+            raise L1Error(f"vocab_size must be at least 257 for a byte-level BPE (256 bytes + end-of-text), "
+                          f"got {self.vocab_size}")
         if self.intermediate_size < 0:
             raise L1Error(f"intermediate_size must be >= 0 (0 = automatic), got {self.intermediate_size}")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
@@ -91,7 +103,8 @@ class TrainConfig:
     out: str = knob("", "run folder (default: models/<preset>)")
     max_steps: int = knob(5000, "total optimizer steps of the run (a resumed run stops at the same step)")
     max_minutes: float = knob(0.0, "stop (and save) after this many minutes of this session (0 = no limit)")
-    batch_size: int = knob(8, "sequences per micro-batch")
+    batch_size: int = knob(8, "sequences per micro-batch; auto (or 0) = the largest that fits the GPU, "
+                              "found by a short probe (CUDA only)", auto=True)
     seq_len: int = knob(0, "tokens per training sequence (0 = the model's block_size)")
     grad_accum: int = knob(8, "micro-batches accumulated per optimizer step")
     lr: float = knob(6e-4, "peak learning rate")
@@ -125,9 +138,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise L1Error(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
-        _require_positive(self, "max_steps", "batch_size", "grad_accum", "lr", "save_every", "keep",
+        _require_positive(self, "max_steps", "grad_accum", "lr", "save_every", "keep",
                           "eval_every", "eval_batches", "log_every", "max_bad_steps")
-        _require_non_negative(self, "max_minutes", "seq_len", "warmup_steps", "weight_decay",
+        _require_non_negative(self, "max_minutes", "batch_size", "seq_len", "warmup_steps", "weight_decay",
                               "grad_clip", "min_lr_ratio")
         if self.seq_len > self.model.block_size:
             raise L1Error(f"seq_len ({self.seq_len}) exceeds the model's block_size "
@@ -331,8 +344,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str, title: str) -
             group.add_argument(f"--{f.name}", dest=dest, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
         else:
-            group.add_argument(f"--{f.name}", dest=dest, type=kind, default=argparse.SUPPRESS,
-                               metavar=f.name.upper(), help=help_text)
+            group.add_argument(f"--{f.name}", dest=dest, type=_int_or_auto if f.metadata["auto"] else kind,
+                               default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

@@ -68,6 +68,38 @@ def use_amp(device: torch.device, requested: bool | None) -> bool:
     return True
 
 
+def largest_batch(fits, limit: int = 1024) -> int:
+    """The largest batch size b <= limit with fits(b) true, assuming fits is monotone (0 if none)."""
+    good, bad = 0, limit + 1
+    b = 1
+    while b <= limit and fits(b):  # double until it no longer fits
+        good, b = b, b * 2
+    bad = min(bad, b)
+    while bad - good > 1:  # then bisect between the last fit and the first miss
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
+def cuda_batch_fits(step, device: torch.device, reserve_bytes: float, headroom: float = 0.9):
+    """fits(b) for largest_batch: run step(b) (a forward and backward) and compare its peak memory,
+    plus what is reserved for the optimizer state, with the GPU's total memory."""
+    total = torch.cuda.get_device_properties(device).total_memory
+
+    def fits(batch: int) -> bool:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            step(batch)
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+        return torch.cuda.max_memory_allocated(device) + reserve_bytes <= headroom * total
+
+    return fits
+
+
 def needs_grad_scaler(device: torch.device, amp: bool) -> bool:
     """fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it."""
     return amp and amp_dtype(device) == torch.float16

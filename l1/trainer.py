@@ -209,6 +209,8 @@ class _Run:
         self.log = self.logger.info
         self.amp = runtime.use_amp(self.device, cfg.amp)
         self.manager = CheckpointManager(self.run_dir, cfg.keep)
+        if cfg.batch_size == 0 and self.device.type != "cuda":
+            raise L1Error("--batch_size auto probes GPU memory and needs CUDA; give a number instead")
 
     # -- set-up --
 
@@ -226,6 +228,8 @@ class _Run:
         self.tokenizer = self.data.tokenizer
         if self.main:
             self.tokenizer.save(run_tokenizer)
+
+    def _make_batches(self):
         self.batches = BatchIterator(self.data.tokens("train"), self.cfg.context, self.cfg.batch_size,
                                      self.cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
         val_windows = (len(self.data.tokens("val")) - 1) // self.cfg.context
@@ -256,6 +260,10 @@ class _Run:
             raise L1Error("--optimizer muon does not work with --fsdp (sharded matrices); use DDP or adamw")
         self.optimizers = _optimizers(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=runtime.needs_grad_scaler(self.device, self.amp))
+        if cfg.batch_size == 0:
+            self._auto_batch_size()
+            cfg = self.cfg
+        self._make_batches()
         self.step, self.tokens_seen, self.best_val = 0, 0, float("inf")
         self.saved_step = -1
         resumed = self.manager.load_latest(self._compatible, log=self.log, map_location="cpu")
@@ -272,6 +280,29 @@ class _Run:
                      f"{self.tokens_seen:,} tokens seen)")
         compile_on = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         self.forward = runtime.compile_model(self.wrapped, self.log) if compile_on else self.wrapped
+
+    def _auto_batch_size(self) -> None:
+        """--batch_size auto: the largest micro-batch that fits this GPU; grad_accum keeps the
+        tokens per step of the preset's own batch. The result is stored with the run."""
+        cfg = self.cfg
+
+        def step(batch: int) -> None:
+            x = torch.randint(0, cfg.model.vocab_size, (batch, cfg.context), device=self.device)
+            with runtime.autocast(self.device, self.amp):
+                self.model(x, x).backward()
+            self.model.zero_grad(set_to_none=True)
+
+        optimizer_bytes = 2 * 4 * self.model.num_params()  # AdamW's two fp32 moments
+        batch = runtime.largest_batch(runtime.cuda_batch_fits(step, self.device, optimizer_bytes), limit=512)
+        if batch == 0:
+            raise L1Error(f"not even one sequence of {cfg.context} tokens fits this GPU; try --grad_ckpt, "
+                          "a shorter --seq_len or a smaller preset")
+        wanted = config.preset_dict(cfg.preset).get("batch_size", TrainConfig.batch_size) * cfg.grad_accum
+        accum = max(self.dist.world_size, round(wanted / batch / self.dist.world_size) * self.dist.world_size)
+        self.cfg = dataclasses.replace(cfg, batch_size=batch, grad_accum=accum)
+        self.accum = accum // self.dist.world_size
+        self.log(f"--batch_size auto: {batch} sequences of {cfg.context} tokens fit this GPU; "
+                 f"grad_accum {accum}")
 
     def _state(self) -> dict:
         """Everything a resume needs (a collective under FSDP: every rank calls it)."""
@@ -319,11 +350,11 @@ class _Run:
 
     def run(self) -> TrainResult:
         cfg = self.cfg
-        if self.main:
-            config.save_json(cfg.to_dict(), self.run_dir / TRAINING_ARGS)
-            config.save_json(dataclasses.asdict(cfg.model), self.run_dir / "config.json")
         self._prepare_data()
         self._build()
+        if self.main:  # after the build: --batch_size auto is stored as the size it found
+            config.save_json(self.cfg.to_dict(), self.run_dir / TRAINING_ARGS)
+            config.save_json(dataclasses.asdict(cfg.model), self.run_dir / "config.json")
         self._announce()
         self.metrics = _Metrics(self.run_dir / "metrics.jsonl", self.main)
         val_loss = None

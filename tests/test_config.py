@@ -69,7 +69,7 @@ def test_only_given_flags_override():
     ({"preset": "nope"}, "unknown preset"),
     ({"lr": "fast"}, "must be a finite float"),
     ({"lr": float("inf")}, "must be a finite float"),
-    ({"batch_size": 0}, "batch_size must be > 0"),
+    ({"batch_size": -1}, "batch_size must be >= 0"),
     ({"batch_size": 2.5}, "must be int"),
     ({"colour": 1}, "unknown config field"),
     ({"model": {"n_head": 5}}, "heads"),

@@ -168,7 +168,8 @@ def bad_corpus(tmp_path, kind):
 @pytest.mark.parametrize("flags, message", [
     (["--preset", "nope"], "unknown preset"),
     (["--lr", "-1"], "lr must be > 0"),
-    (["--batch_size", "0"], "batch_size must be > 0"),
+    (["--batch_size", "-2"], "batch_size must be >= 0"),
+    (["--batch_size", "auto"], "needs CUDA"),
     (["--vocab_size", "100"], "vocab_size must be at least 257"),
     (["--seq_len", "100000"], "exceeds the model's block_size"),
     (["--val_fraction", "2"], "val_fraction"),

@@ -88,7 +88,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_residual_projections_start_smaller():
-    model = GPT(ModelConfig(vocab_size=256, n_layer=8, n_head=4, n_embd=128, block_size=32))
+    model = GPT(ModelConfig(vocab_size=320, n_layer=8, n_head=4, n_embd=128, block_size=32))
     proj_std = model.blocks[0].attn.proj.weight.std().item()
     qkv_std = model.blocks[0].attn.qkv.weight.std().item()
     assert proj_std == pytest.approx(0.02 / 4, rel=0.1) and qkv_std == pytest.approx(0.02, rel=0.1)
