@@ -29,7 +29,10 @@ def knob(default, help: str, auto: bool = False):
 def _int_or_auto(text: str) -> int:
     if text == "auto":
         return 0
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
 
 
 @dataclass

@@ -25,6 +25,13 @@ KILL_POINTS = [
 ]
 
 
+def error_line(capsys) -> str:
+    """The one error line a failed run ends with (progress lines may come before it on stderr)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert sum(line.startswith("error: ") for line in lines) == 1 and "Traceback" not in "".join(lines)
+    return lines[-1]
+
+
 def weights(run) -> dict:
     return load_file(run / "latest_checkpoint.pt")["model"]
 
@@ -124,8 +131,8 @@ def test_all_checkpoints_damaged_refuses_instead_of_restarting(finished_run, cap
         flip_bytes(path)
     damaged = {p: p.read_bytes() for p in files}
     assert train_gpu_compatible.main(list(map(str, args))) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: no usable checkpoint") and "--fresh" in err and "\n" not in err
+    err = error_line(capsys)
+    assert err.startswith("error: no usable checkpoint") and "--fresh" in err
     assert {p: p.read_bytes() for p in files} == damaged  # nothing overwritten, nothing restarted
 
 
@@ -162,6 +169,7 @@ def bad_corpus(tmp_path, kind):
         (folder / "a.txt").write_text("")
     elif kind == "tiny":
         (folder / "a.txt").write_text("Too short.")
+        (folder / "b.txt").write_text("Also short.")
     return folder
 
 
@@ -179,16 +187,16 @@ def bad_corpus(tmp_path, kind):
 def test_bad_training_input_gets_one_clear_line(corpus, tmp_path, capsys, flags, message):
     args = [*map(str, tiny_args(corpus, tmp_path, max_steps=2)), *flags]
     assert train_gpu_compatible.main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    err = error_line(capsys)
+    assert err.startswith("error: ") and message in err, err
 
 
 @pytest.mark.parametrize("kind, message", [("empty", "no text"), ("tiny", "tokens")])
 def test_unusable_corpus_is_refused(tmp_path, capsys, kind, message):
     args = [*map(str, tiny_args(bad_corpus(tmp_path, kind), tmp_path, max_steps=2))]
     assert train_gpu_compatible.main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    err = error_line(capsys)
+    assert err.startswith("error: ") and message in err, err
 
 
 def test_invalid_utf8_is_replaced_and_counted(tmp_path):
@@ -206,7 +214,8 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--batch_size", "many"], "invalid int value"),
+    (["--batch_size", "many"], "expected a whole number or 'auto'"),
+    (["--lr", "fast"], "invalid float value"),
 ])
 def test_command_line_errors_exit_2(argv, message):
     result = run_script("train_gpu_compatible.py", *argv)
@@ -218,8 +227,7 @@ def test_unwritable_output_folder(corpus, tmp_path, capsys):
     blocker.write_text("not a folder")
     args = [*map(str, tiny_args(corpus, tmp_path, max_steps=2)), "--out", str(blocker / "run")]
     assert train_gpu_compatible.main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert "is not writable" in err and "\n" not in err
+    assert "is not writable" in error_line(capsys)
 
 
 def test_edited_config_json_with_another_shape_is_refused(finished_run, capsys):
@@ -228,8 +236,8 @@ def test_edited_config_json_with_another_shape_is_refused(finished_run, capsys):
     cfg["n_layer"] = 7
     (run / "config.json").write_text(json.dumps(cfg))
     assert train_gpu_compatible.main(list(map(str, args))) == 2
-    err = capsys.readouterr().err.strip()
-    assert "config.json" in err and "n_layer" in err and "\n" not in err
+    err = error_line(capsys)
+    assert "config.json" in err and "n_layer" in err
 
 
 def test_hub_default_fails_fast_offline(tmp_path):
@@ -237,4 +245,5 @@ def test_hub_default_fails_fast_offline(tmp_path):
                         "--data_dir", tmp_path / "data", timeout=60)
     assert result.returncode == 2
     assert "--data" in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "hub" in errors[0]

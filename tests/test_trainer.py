@@ -169,7 +169,8 @@ def test_mismatched_resume_is_refused(corpus, tmp_path):
         trainer.train(trainer.configure({"out": str(tmp_path / "run"), "model": {"n_layer": 3}}))
     other = run_script("train_gpu_compatible.py", *tiny_args(corpus, tmp_path, max_steps=8, n_embd=32))
     assert other.returncode == 2
-    assert other.stderr.startswith("error: ") and "different model" in other.stderr
+    last = other.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "different model" in last
     assert "Traceback" not in other.stderr
 
 
