@@ -2,71 +2,107 @@
 
     python -m bench.data [--source ../shared/data/wikipedia-sample] [--max_docs 5000] [--repeats 3]
 
-Tokenizer training is timed once and reported apart; the comparison uses the same trained
-tokenizer, the same documents and the same threads. Prints one JSON object per measurement.
+`prepare` (read the source, split, tokenize, write the token files) runs with an already trained
+tokenizer, so it is compared like with like against `tokenizers`' own encode_batch (and its
+encode_batch_fast, which skips offsets) on the same documents; tokenizer training is timed once and
+reported apart. The loader's share: BatchIterator.next() for the tiny preset's batch (16 x 256)
+against a forward + backward of the tiny preset's GPT. Prints one JSON object per measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from bench.common import emit, interleaved, machine
-from l1.config import resolve
-from l1.data import BatchIterator, _load_documents, _write_tokens
-from l1.config import DataConfig
+from l1.config import DataConfig, resolve
+from l1.data import ENCODE_BATCH, BatchIterator, prepare, read_documents
 from l1.model import GPT
 from l1.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", default="../shared/data/wikipedia-sample")
-    parser.add_argument("--max_docs", type=int, default=5000)
+    parser.add_argument("--source", default="../shared/data/wikipedia-sample",
+                        help="a relative path is taken from the repository root")
+    parser.add_argument("--max_docs", type=int, default=5000, help="first N documents (0 = all)")
     parser.add_argument("--vocab_size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp())
-    docs = _load_documents(DataConfig(data=args.source, data_dir=str(tmp), max_docs=args.max_docs), log=lambda m: None)
+    work = Path(tempfile.mkdtemp(prefix="l1-bench-data-"))
+    try:
+        run(args, work)
+    finally:
+        shutil.rmtree(work)
+
+
+def run(args, work: Path) -> None:
+    cfg = DataConfig(data=str(REPO / args.source), data_dir=str(work / "data"), max_docs=args.max_docs)
+    docs = read_documents(cfg, work / "cache", log=lambda line: None)
     megabytes = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+
     started = time.perf_counter()
     tokenizer = Tokenizer.train(docs, args.vocab_size)
-    emit(kind="setup", **machine(), documents=len(docs), text_mb=megabytes,
-         tokenizer_training_s=time.perf_counter() - started)
+    emit(kind="setup", **machine(), source=args.source, documents=len(docs), text_mb=round(megabytes, 2),
+         vocab_size=args.vocab_size, tokenizer_training_s=round(time.perf_counter() - started, 2))
+    tokenizer.save(work / "tokenizer.json")
+    cfg = dataclasses.replace(cfg, tokenizer=str(work / "tokenizer.json"))
+    prepared = []
 
-    def raw():
-        for start in range(0, len(docs), 2000):
-            [e.ids for e in tokenizer.hf.encode_batch(docs[start:start + 2000])]
+    def raw(method):
+        def run():
+            encode = getattr(tokenizer.hf, method)
+            for start in range(0, len(docs), ENCODE_BATCH):
+                [e.ids for e in encode(docs[start:start + ENCODE_BATCH])]
+        return run
 
     def l1_prepare():
-        _write_tokens(tokenizer, docs, tmp / "train.bin", np.uint16)
+        fresh = dataclasses.replace(cfg, data_dir=str(work / f"data{len(prepared)}"))  # a build, not a reuse
+        prepared.append(prepare(fresh, args.vocab_size, seed=0, log=lambda line: None))
 
-    seconds = interleaved({"raw_encode_batch": raw, "l1_prepare": l1_prepare}, args.repeats)
-    emit(kind="prepare", raw_mb_per_s=megabytes / seconds["raw_encode_batch"],
-         l1_mb_per_s=megabytes / seconds["l1_prepare"],
-         ratio_l1_vs_raw=seconds["raw_encode_batch"] / seconds["l1_prepare"])
+    seconds = interleaved({"encode_batch": raw("encode_batch"), "encode_batch_fast": raw("encode_batch_fast"),
+                           "prepare": l1_prepare}, args.repeats)
+    tokenize_mb_per_s = sorted(p.meta["tokenize_mb_per_s"] for p in prepared)[len(prepared) // 2]
+    emit(kind="prepare", repeats=args.repeats,
+         raw_encode_batch_mb_per_s=round(megabytes / seconds["encode_batch"], 3),
+         raw_encode_batch_fast_mb_per_s=round(megabytes / seconds["encode_batch_fast"], 3),
+         prepare_mb_per_s=round(megabytes / seconds["prepare"], 3),
+         prepare_tokenize_only_mb_per_s=round(tokenize_mb_per_s, 3),
+         ratio_prepare_vs_encode_batch=round(seconds["encode_batch"] / seconds["prepare"], 3),
+         ratio_prepare_vs_encode_batch_fast=round(seconds["encode_batch_fast"] / seconds["prepare"], 3),
+         bytes_per_token=round(prepared[0].bytes_per_token("train"), 3))
+    loader_share(prepared[0].tokens("train"), args.repeats)
 
+
+def loader_share(tokens, repeats: int) -> None:
+    """Time of BatchIterator.next() against a forward + backward, at the tiny preset's shape."""
     cfg = resolve({"preset": "tiny"})
-    tokens = np.memmap(tmp / "train.bin", dtype=np.uint16, mode="r")
     batches = BatchIterator(tokens, cfg.context, cfg.batch_size, seed=0)
-    model = GPT(cfg.model)
-    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    model = GPT(cfg.model).train()
+    x, y = batches.next()
+    calls = 200
+
+    def loader():
+        started = time.perf_counter()
+        for _ in range(calls):
+            batches.next()
+        return (time.perf_counter() - started) / calls
 
     def step():
-        x, y = batches.next()
         model(x, y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        model.zero_grad(set_to_none=True)
 
-    step()
-    seconds = interleaved({"loader": batches.next, "train_step": step}, args.repeats * 3)
-    emit(kind="loader_share", preset="tiny", loader_ms=seconds["loader"] * 1e3,
-         step_ms=seconds["train_step"] * 1e3, loader_share=seconds["loader"] / seconds["train_step"])
+    step()  # warm-up: first-call allocations
+    seconds = interleaved({"loader": loader, "step": step}, repeats * 2)
+    emit(kind="loader_share", preset="tiny", batch_size=cfg.batch_size, seq_len=cfg.context,
+         loader_ms=round(seconds["loader"] * 1e3, 4), forward_backward_ms=round(seconds["step"] * 1e3, 1),
+         loader_share=round(seconds["loader"] / (seconds["loader"] + seconds["step"]), 6))
 
 
 if __name__ == "__main__":

@@ -8,26 +8,37 @@ from conftest import make_documents
 from l1.errors import L1Error
 from l1.tokenizer import EOT, Tokenizer
 
+SAMPLES = ["The king of the island 🚀 built a church.", "naïve café — 日本語のテキスト", "e\u0301 a\u0308\u0323",
+           "  spaces\t\ttabs\n\n\nlines  ", f"one{EOT}two", ""]
+
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return Tokenizer.train(make_documents(150) + ["naïve café — 日本語のテキスト 🚀🎉 Ελληνικά"] * 10, 600)
 
 
+PIECES = ["🚀", "👩\u200d👩\u200d👧", "日本", "中文", "한국어", "é", "\u0301", "\u0308", " ", "   ", "\n\n", "\t",
+          "\r\n", "\u00a0", EOT, "<|endoftext", "the ", "Ω", "\u200d", "\ufeff", "\U0010ffff"]
+
+
 @settings(max_examples=300, deadline=None)
 @given(text=st.one_of(
     st.text(),
     st.text(alphabet=st.characters(codec="utf-8"), max_size=200),
-    st.lists(st.sampled_from(["🚀", "日本", "é", "\u0301", " ", "\n\n", "\t", EOT, "the ", "Ω", "\u200d"]),
-             max_size=40).map("".join),
+    st.lists(st.sampled_from(PIECES), max_size=40).map("".join),
+    st.lists(st.one_of(st.sampled_from(PIECES), st.text(max_size=5)), max_size=20).map("".join),
 ))
 def test_decode_encode_round_trip_is_lossless(tokenizer, text):
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
 def test_batch_encoding_equals_single(tokenizer):
-    docs = ["The river city.", "日本語 🚀", ""]
-    assert tokenizer.encode_batch(docs) == [tokenizer.encode(d) for d in docs]
+    assert tokenizer.encode_batch(SAMPLES) == [tokenizer.encode(s) for s in SAMPLES]
+
+
+def test_end_of_text_is_one_special_token(tokenizer):
+    assert tokenizer.eot_id == tokenizer.hf.token_to_id(EOT)
+    assert tokenizer.encode(EOT) == [tokenizer.eot_id]
 
 
 def test_file_loads_in_tokenizers_and_transformers(tokenizer, tmp_path):
@@ -36,26 +47,36 @@ def test_file_loads_in_tokenizers_and_transformers(tokenizer, tmp_path):
 
     path = tmp_path / "tokenizer.json"
     tokenizer.save(path)
-    text = "The king of the island 🚀 built a church."
-    assert HFTokenizer.from_file(str(path)).encode(text).ids == tokenizer.encode(text)
+    plain = HFTokenizer.from_file(str(path))
     fast = PreTrainedTokenizerFast(tokenizer_file=str(path))
-    assert fast(text)["input_ids"] == tokenizer.encode(text)
-    assert fast.decode(tokenizer.encode(text)) == text
+    for text in SAMPLES:
+        ids = tokenizer.encode(text)
+        assert plain.encode(text).ids == ids
+        assert fast(text)["input_ids"] == ids
+        assert fast.decode(ids) == text
 
 
 def test_fingerprint_identifies_the_tokenizer(tokenizer, tmp_path):
     tokenizer.save(tmp_path / "a.json")
-    assert Tokenizer.load(tmp_path / "a.json").fingerprint == tokenizer.fingerprint
+    loaded = Tokenizer.load(tmp_path / "a.json")
+    assert loaded.fingerprint == tokenizer.fingerprint and loaded.content == tokenizer.content
+    loaded.save(tmp_path / "b.json")
+    assert Tokenizer.load(tmp_path / "b.json").fingerprint == tokenizer.fingerprint
     other = Tokenizer.train(make_documents(150, seed=1), 600)
     assert other.fingerprint != tokenizer.fingerprint
-    assert tokenizer.eot_id == tokenizer.hf.token_to_id(EOT)
 
 
 def test_too_small_vocab_and_bad_files_are_refused(tmp_path):
     with pytest.raises(L1Error, match="at least 257"):
-        Tokenizer.train(["text"], 100)
+        Tokenizer.train(["text"], 256)
     with pytest.raises(L1Error, match="not found"):
         Tokenizer.load(tmp_path / "missing.json")
-    (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(L1Error, match="not a valid tokenizer.json"):
-        Tokenizer.load(tmp_path / "bad.json")
+    for name, content in [("bad.json", "{not json"), ("half.json", '{"version": "1.0", "model": '),
+                          ("wrong.json", '{"version": "1.0"}')]:
+        (tmp_path / name).write_text(content)
+        with pytest.raises(L1Error, match="not a valid tokenizer.json") as err:
+            Tokenizer.load(tmp_path / name)
+        assert "\n" not in str(err.value)
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(L1Error, match="cannot read tokenizer"):
+        Tokenizer.load(tmp_path / "binary.json")
