@@ -18,33 +18,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model_path", help="a run folder or a checkpoint file (default: the newest run)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                        help="stop a sample where this text appears (may be given several times)")
+                        help="end a sample before this text (may be given several times)")
     config.add_sampling_flags(parser)
     return parser.parse_args(argv)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt, else the non-blank lines of standard input."""
+    if args.prompt is not None:
+        return [args.prompt]
+    if sys.stdin.isatty():
+        print("reading prompts from standard input, one per line (end with Ctrl-D)", file=sys.stderr)
+    prompts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise L1Error("no prompt: pass --prompt TEXT or give prompts on standard input, one per line")
+    return prompts
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from l1 import sampler  # imported late so --help is instant
-
         cfg = config.sampling_config_from_args(args)
-        prompts = [args.prompt] if args.prompt is not None else [l.rstrip("\n") for l in sys.stdin if l.strip()]
-        if not prompts:
-            raise L1Error("no prompt: pass --prompt TEXT or give prompts on standard input, one per line")
+        prompts = read_prompts(args)
+        from l1 import sampler  # imported late: --help and bad values answer without loading torch
+
         lm = sampler.load(args.model_path, args.device)
         print(f"[{lm.path} | step {lm.step} | {lm.device}]", file=sys.stderr)
         if len(prompts) * cfg.num_samples == 1:  # one text: stream it as it comes
-            print(prompts[0], end="", flush=True)
-            sampler.generate(lm, prompts, cfg, tuple(args.stop), on_piece=lambda _, piece: print(piece, end="", flush=True))
+            sampler.generate(lm, prompts, cfg, tuple(args.stop), echo=True,
+                             on_piece=lambda _, piece: print(piece, end="", flush=True))
             print()
-        else:
+        else:  # texts separated by a blank line, prompts first
             texts = sampler.generate(lm, prompts, cfg, tuple(args.stop))
-            for i, text in enumerate(texts):
-                print(prompts[i // cfg.num_samples] + text + ("\n" if i + 1 < len(texts) else ""))
+            print("\n\n".join(prompts[i // cfg.num_samples] + text for i, text in enumerate(texts)))
     except L1Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
     return 0
 
 
