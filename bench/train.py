@@ -1,15 +1,17 @@
 """Training throughput: L1's GPT against transformers' Llama and GPT-2 of the same size.
 
-    python -m bench.train [--shapes l1-v1 tiny] [--dtypes fp32 bf16] [--modes eager compiled]
-                          [--repeats 5] [--bf16_repeats 1] [--warmup 2]
+    python -m bench.train [--shapes l1-v1 tiny] [--dtypes fp32 [bf16]] [--modes eager compiled]
+                          [--repeats 3] [--bf16_repeats 1] [--warmup 2] [--threads N]
 
 One training step = forward + mean loss + backward + fused AdamW step on the same random batch.
 The contenders: L1's GPT; LlamaForCausalLM with the very same weights (l1/hf.py); GPT2LMHeadModel
 with L1's width and depth and a GELU MLP as wide as SwiGLU's three matrices (equal matmul
-parameters). Every (contender, compiled) pair of one dtype runs in turns with GEMMs of the shapes
-that dominate the step, so the machine's noise hits all alike; the GEMMs' best median FLOP/s is
-the roofline that MFU is quoted against. FLOPs per token are L1's GPT.flops_per_token for all.
-Prints one JSON object per measurement, then one summary per shape.
+parameters). All (contender, eager/compiled) pairs of one dtype run in turns, together with GEMMs
+of the shapes that dominate the step, so the machine's noise hits all alike; the GEMMs' best
+median FLOP/s is the roofline that MFU is quoted against. FLOPs per token are L1's
+GPT.flops_per_token for every contender. bf16 autocast is measured by default only where the
+CPU computes bf16 natively (elsewhere it is several times slower than fp32): ask for it with
+--dtypes fp32 bf16. Prints one JSON object per measurement, then one summary per shape.
 """
 
 from __future__ import annotations
@@ -47,29 +49,27 @@ def gpt2_like(cfg: ModelConfig, seq: int):
     return GPT2LMHeadModel(config)
 
 
-def build(contender: str, cfg: ModelConfig, seq: int) -> tuple[torch.nn.Module, callable]:
-    """The model in training mode and its loss function (idx, targets) -> mean loss."""
+def build(contender: str, cfg: ModelConfig, seq: int):
+    """The model in training mode and its loss function (model, idx, targets) -> mean loss."""
     torch.manual_seed(0)
     if contender == "l1":
-        model = GPT(cfg)
-        return model.train(), lambda m, idx, targets: m(idx, targets)
+        return GPT(cfg).train(), lambda model, idx, targets: model(idx, targets)
     if contender == "llama":
         model = to_llama(GPT(cfg))
         model.config.use_cache = False  # a training step keeps no KV cache
     else:
         model = gpt2_like(cfg, seq)
-    # transformers shifts the labels itself: the loss covers T - 1 of the T positions.
-    return model.train(), lambda m, idx, targets: m(input_ids=idx, labels=idx).loss
+    # transformers shifts the labels itself: its loss covers T - 1 of the T positions.
+    return model.train(), lambda model, idx, targets: model(input_ids=idx, labels=idx).loss
 
 
 def training_step(model, loss_fn, idx, targets, amp: torch.dtype | None, compiled: bool):
     """A closure running one full training step: forward, loss, backward, fused AdamW."""
     forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
-    autocast = torch.autocast("cpu", dtype=amp) if amp else contextlib.nullcontext()
 
     def step() -> None:
-        with autocast:
+        with torch.autocast("cpu", dtype=amp) if amp else contextlib.nullcontext():
             loss = loss_fn(forward, idx, targets)
         loss.backward()
         optimizer.step()
@@ -85,13 +85,12 @@ def gemm_shapes(cfg: ModelConfig, tokens: int) -> list[tuple[int, int, int]]:
 
 
 def gemm(m: int, k: int, n: int, dtype: torch.dtype, target_s: float = 0.3):
-    """A closure running enough (M, K) x (K, N) matmuls for about target_s; returns it and its FLOPs."""
+    """A closure running enough (M, K) x (K, N) matmuls for about target_s, and their FLOPs."""
     x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
-    F.linear(x, w)  # warm up oneDNN's kernel choice
+    F.linear(x, w)  # lets oneDNN pick its kernel
     start = time.perf_counter()
     F.linear(x, w)
-    once = time.perf_counter() - start
-    count = max(1, round(target_s / once))
+    count = max(1, round(target_s / (time.perf_counter() - start)))
 
     def run() -> None:
         for _ in range(count):
@@ -101,10 +100,9 @@ def gemm(m: int, k: int, n: int, dtype: torch.dtype, target_s: float = 0.3):
 
 
 def measure_group(shape: str, dtype: str, modes: list[str], repeats: int, warmup: int) -> list[dict]:
-    """All contenders of one shape and dtype, eager and compiled, interleaved with the roofline GEMMs."""
+    """Every contender of one shape and dtype, eager and compiled, in turns with the roofline GEMMs."""
     cfg, batch = SHAPES[shape]
-    seq = cfg.block_size
-    amp = DTYPES[dtype]
+    seq, amp = cfg.block_size, DTYPES[dtype]
     torch.manual_seed(1)
     data = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
     idx, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()
@@ -118,19 +116,30 @@ def measure_group(shape: str, dtype: str, modes: list[str], repeats: int, warmup
             for _ in range(warmup):  # compilation and first-touch allocations happen here
                 step()
             steps[(contender, mode)] = step
-    gemms = {shape_: gemm(*shape_, amp or torch.float32) for shape_ in gemm_shapes(cfg, batch * seq)}
-    runs = {**steps, **{("gemm", s): run for s, (run, _) in gemms.items()}}
-    seconds = interleaved(runs, repeats)
+    gemms = {s: gemm(*s, amp or torch.float32) for s in gemm_shapes(cfg, batch * seq)}
+    load_before = os.getloadavg()[0]
+    seconds = interleaved({**steps, **{("gemm", s): run for s, (run, _) in gemms.items()}}, repeats)
     roofline = max(flops / seconds[("gemm", s)] for s, (_, flops) in gemms.items())
     records = []
-    for (contender, mode), step_s in ((k, v) for k, v in seconds.items() if k[0] != "gemm"):
+    for (contender, mode), step_s in steps_only(seconds):
         tokens_per_s = batch * seq / step_s
         records.append(dict(kind="train", contender=contender, shape=shape, dtype=dtype,
                             compiled=mode == "compiled", batch=batch, seq=seq, params=params[contender],
                             repeats=repeats, step_s=step_s, tokens_per_s=tokens_per_s,
                             flops_per_token=flops_per_token, flops_per_s=flops_per_token * tokens_per_s,
-                            roofline=roofline, mfu=flops_per_token * tokens_per_s / roofline))
+                            roofline=roofline, mfu=flops_per_token * tokens_per_s / roofline,
+                            load_avg=[load_before, os.getloadavg()[0]]))
     return records
+
+
+def steps_only(seconds: dict) -> list:
+    """The (contender, mode) entries of interleaved()'s result, without the GEMMs."""
+    return [(key, s) for key, s in seconds.items() if key[0] != "gemm"]
+
+
+def label(record: dict) -> str:
+    """contender/dtype/mode, e.g. 'l1/fp32/eager'."""
+    return f"{record['contender']}/{record['dtype']}/{'compiled' if record['compiled'] else 'eager'}"
 
 
 def summarize(shape: str, records: list[dict], default_dtype: str) -> dict:
@@ -142,36 +151,38 @@ def summarize(shape: str, records: list[dict], default_dtype: str) -> dict:
     default = next(r for r in records if r["contender"] == "l1" and r["dtype"] == default_dtype
                    and not r["compiled"])
     best_l1 = max((r for r in records if r["contender"] == "l1"), key=lambda r: r["tokens_per_s"])
-    name = lambda r: f"{r['contender']}/{r['dtype']}/{'compiled' if r['compiled'] else 'eager'}"
-    return dict(kind="summary", shape=shape, l1_default=name(default),
-                l1_default_tokens_per_s=default["tokens_per_s"], best_peer=name(best_peer),
-                best_peer_tokens_per_s=best_peer["tokens_per_s"],
-                ratio_default_vs_best_peer=default["ratio_vs_best_peer"],
-                l1_default_mfu=default["mfu"], best_l1=name(best_l1),
+    return dict(kind="summary", shape=shape, l1_default=label(default),
+                l1_default_tokens_per_s=default["tokens_per_s"], l1_default_mfu=default["mfu"],
+                best_peer=label(best_peer), best_peer_tokens_per_s=best_peer["tokens_per_s"],
+                best_peer_mfu=best_peer["mfu"], ratio_default_vs_best_peer=default["ratio_vs_best_peer"],
+                best_l1=label(best_l1), best_l1_mfu=best_l1["mfu"],
                 ratio_best_l1_vs_best_peer=best_l1["ratio_vs_best_peer"])
 
 
 def main(argv=None) -> None:
+    native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
+                        default=list(DTYPES) if native_bf16 else ["fp32"])
     parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per contender (fp32)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per contender (fp32)")
     parser.add_argument("--bf16_repeats", type=int, default=1,
                         help="timed steps per contender in bf16 (slow on CPUs without native bf16)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps first, compilation included (bf16: at most 1)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     emit(kind="setup", **machine(), cores=os.cpu_count(), native_bf16=native_bf16)
     default_dtype = "bf16" if native_bf16 else "fp32"  # what runtime.use_amp picks on this CPU
     for shape in args.shapes:
         records = []
         for dtype in args.dtypes:
-            repeats = args.bf16_repeats if dtype == "bf16" else args.repeats
-            records += measure_group(shape, dtype, args.modes, repeats, args.warmup)
+            slow = dtype == "bf16" and not native_bf16
+            records += measure_group(shape, dtype, args.modes, args.bf16_repeats if slow else args.repeats,
+                                     min(args.warmup, 1) if slow else args.warmup)
         summary = summarize(shape, records, default_dtype) if default_dtype in args.dtypes else None
         for record in records:
             emit(**record)

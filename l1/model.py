@@ -66,6 +66,43 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (pairs * cos + pairs.flip(-2) * sin).flatten(-2)
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps), with the backward written out.
+
+    Autograd through the composite formula saves x and x * rstd and runs about twenty kernels;
+    this saves x * rstd alone and runs about ten.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        wide = torch.promote_types(x.dtype, torch.float32)  # half-precision inputs: statistics in fp32
+        rstd = torch.rsqrt(x.to(wide).pow(2).mean(-1, keepdim=True) + eps)
+        x_hat = (x * rstd).to(x.dtype)
+        ctx.save_for_backward(x_hat, rstd, weight)
+        return (x_hat * weight).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_hat, rstd, weight = ctx.saved_tensors
+        grad_x_hat = grad * weight
+        # d/dx of x * rstd: the component along x_hat is divided out, the rest scaled by rstd.
+        grad_x = (grad_x_hat - x_hat * (grad_x_hat * x_hat).mean(-1, keepdim=True)) * rstd
+        grad_weight = (grad * x_hat).flatten(0, -2).sum(0)
+        return grad_x.to(x_hat.dtype), grad_weight.to(weight.dtype), None
+
+
+class RMSNorm(nn.Module):
+    """nn.RMSNorm (same parameter, same result) with a leaner backward on eager CPU and GPU."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -112,9 +149,9 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
-        self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
@@ -131,7 +168,7 @@ class GPT(nn.Module):
         self.grad_ckpt = False  # recompute blocks in backward; switched on by the runtime
         self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight  # tied
         cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
@@ -145,7 +182,7 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, nn.RMSNorm):
+            elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))

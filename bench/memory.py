@@ -1,0 +1,301 @@
+"""Peak memory of one training step: measured, next to an analytic model, and the 16 GB plan.
+
+    python -m bench.memory [--sizes tiny l1-v1 l1-gpu-compatible] [--budget_gib 15] [--seq 1024]
+
+Every configuration (model, micro-batch x sequence, fp32 or bf16 autocast, gradient checkpointing
+off/on, flash or math attention) runs in a fresh subprocess, so peaks never mix: a small step
+creates the AdamW state, then one full step (forward, loss, backward, fused AdamW) is measured.
+On CPU the peak is the bytes that live in tensors: weights and optimizer state before the step
+plus the peak of torch's CPU allocator during it (recorded by the profiler); the peak resident
+set (VmHWM) of the step is printed beside it. On CUDA it is torch.cuda.max_memory_allocated.
+The tensors autograd saves for backward are also counted exactly, by saved-tensor hooks, and
+checked against the model's activation term. Then the model, trusted where it was measured,
+gives the largest micro-batch of l1-gpu-compatible that fits a 16 GB GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+
+import torch
+
+from bench.common import emit, machine
+from l1.config import ModelConfig, resolve
+from l1.model import GPT
+
+GIB = 2.0 ** 30
+ADAMW_MOMENTS = 2  # exp_avg and exp_avg_sq, fp32 like the weights
+
+
+# ---- the analytic model ---------------------------------------------------------------------------
+
+def _param_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(all parameters, matmul weights): the tied embedding counts once, as the head's matmul."""
+    C, H, L = cfg.n_embd, cfg.mlp_hidden, cfg.n_layer
+    matmul = L * (4 * C * C + 3 * C * H) + cfg.padded_vocab_size * C
+    norms = (2 * L + 1) * C
+    return matmul + norms, matmul
+
+
+def layer_activation_bytes(cfg: ModelConfig, tokens: int, seq: int, act_bytes: int, flash: bool) -> float:
+    """Bytes one block saves for backward in L1's eager autograd graph (as saved-tensor hooks count them).
+
+    Always: the two RMSNorms' normalized inputs (fp32, the residual stream's dtype); in the
+    activation dtype, the normed inputs of qkv and gate_up (under autocast their bf16 copies),
+    the attention output (proj's input), the SwiGLU gate/up output, silu(gate) and the product
+    (down's input). Flash attention keeps the qkv output (v is a view of it), the RoPE'd q and k
+    and one fp32 logsumexp per head and query. The math path keeps none of those but contiguous,
+    scaled fp32 copies of q, k and v and the fp32 softmax, B x H x T x T (CPU upcasts bf16 there).
+    """
+    C, H = cfg.n_embd, cfg.mlp_hidden
+    per_token = 2 * C * 4 + 3 * C * act_bytes + 4 * H * act_bytes
+    if flash:
+        per_token += 5 * C * act_bytes + cfg.n_head * 4
+    else:
+        per_token += 3 * C * 4 + cfg.n_head * seq * 4
+    return float(tokens * per_token)
+
+
+def estimate_training_bytes(cfg: ModelConfig, batch: int, seq: int, amp_dtype: torch.dtype | None = None,
+                            grad_ckpt: bool = False, flash: bool = True) -> dict[str, float]:
+    """Peak bytes of one training step (fp32 weights, fused AdamW, eager autograd), by part.
+
+    Weights, gradients and the two AdamW moments are fp32; under autocast every matmul weight is
+    also cast once to amp_dtype for the step. Activations are what autograd saves: per block
+    layer_activation_bytes, or with checkpointing only the block's fp32 input (the block is
+    recomputed in backward, one at a time). The loss saves fp32 log-probabilities (tokens x padded
+    vocab); its backward adds two more such buffers. Backward then frees activations block by
+    block while gradients appear, so the peak is the largest of: its start (activations and the
+    loss's buffers), the first or the last block's backward (saved or recomputed activations, the
+    gradients so far, the block's working buffers), and its end (all gradients while the tied
+    embedding's two partial gradients are summed). 'total' is that peak.
+    """
+    L, C, H, V = cfg.n_layer, cfg.n_embd, cfg.mlp_hidden, cfg.padded_vocab_size
+    N = batch * seq
+    s = torch.finfo(amp_dtype).bits // 8 if amp_dtype is not None else 4
+    params, matmul = _param_counts(cfg)
+    layer = layer_activation_bytes(cfg, N, seq, s, flash)
+    kept = N * C * 4.0 if grad_ckpt else layer  # what each block keeps until its backward
+    head = N * (C * 4 + C * s + V * 4 + 2 * 8)  # final norm, head input, log-probs, ids, targets
+    layer_grads = 4.0 * (4 * C * C + 3 * C * H + 2 * C)
+    # Working buffers of one block's backward, fitted to the measurements: about two gradients
+    # of the residual stream (fp32) and two of the SwiGLU hidden activations.
+    work = N * (2 * C * 4 + 2 * H * s) + (layer if grad_ckpt else 0.0)  # + the recomputed block
+    # bf16 copies of the weights (autocast casts each once per forward and backward keeps them):
+    # all of them at the start of backward, fewer as it proceeds; with checkpointing only the
+    # head's and those of the block being recomputed.
+    block_matmul = 4 * C * C + 3 * C * H
+    cast = s if amp_dtype is not None else 0
+    amp_start = cast * (V * C if grad_ckpt else matmul)
+    amp_first = cast * (block_matmul if grad_ckpt else matmul - V * C)
+    ids = N * 2 * 8.0  # token ids and targets (int64), kept to the end for the embedding's backward
+    parts = {
+        "weights": 4.0 * params,
+        "adamw": 4.0 * ADAMW_MOMENTS * params,
+        "grads": 4.0 * params,
+        "amp_weights": float(amp_start),
+        "activations": L * kept + head,
+        "loss_backward": 2.0 * N * V * 4,
+        "block_backward": work,
+    }
+    head_grad = 4.0 * V * C
+    phases = {
+        "backward_start": amp_start + L * kept + head + parts["loss_backward"],
+        "first_block": amp_first + L * kept + ids + head_grad + work,
+        "last_block": cast * block_matmul + kept + ids + head_grad + (L - 1) * layer_grads + work,
+        # The tied weight's two gradients are summed at the very end. In fp32 the head's comes out
+        # of linear's backward as a transposed view, so the sum is a third buffer; under
+        # autocast it is the fp32 copy of a bf16 gradient, which the sum reuses in place.
+        "backward_end": parts["grads"] + (head_grad if amp_dtype is not None else 2 * head_grad),
+    }
+    parts.update(phases)
+    parts["total"] = parts["weights"] + parts["adamw"] + max(phases.values())
+    return parts
+
+
+def largest_batch(cfg: ModelConfig, seq: int, budget_bytes: float, **kwargs) -> int:
+    """The largest micro-batch whose estimated peak fits the budget (0 if none does)."""
+    batch = 0
+    while estimate_training_bytes(cfg, batch + 1, seq, **kwargs)["total"] <= budget_bytes:
+        batch += 1
+    return batch
+
+
+# ---- measurement -------------------------------------------------------------------------------
+
+def _status_kib(field: str) -> int:
+    """A field of /proc/self/status (VmRSS, VmHWM), in KiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _allocator_peak(step) -> float:
+    """Peak bytes that torch's CPU allocator handed out during step() (its allocations only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    totals, stack = [0], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == torch._C._profiler._EventType.Allocation:
+            totals.append(node.extra_fields.total_allocated)
+        stack.extend(node.children)
+    return float(max(totals))
+
+
+def _saved_bytes(model, idx, targets, amp) -> float:
+    """Bytes of the tensors one forward saves for backward (each storage once, weights excluded)."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
+        model(idx, targets)
+    return float(sum(seen.values()))
+
+
+def measure(cfg: ModelConfig, batch: int, seq: int, amp: bool, grad_ckpt: bool, flash: bool,
+            device: torch.device) -> dict:
+    """Peak bytes of one full training step of a fresh model (run it in a fresh process)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device).train()
+    model.grad_ckpt = grad_ckpt
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    backend = SDPBackend.FLASH_ATTENTION if flash else SDPBackend.MATH
+
+    def batch_of(b: int, t: int):
+        data = torch.randint(0, cfg.vocab_size, (b, t + 1), device=device)
+        return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+    def step(idx, targets) -> None:
+        with autocast(), sdpa_kernel(backend):
+            loss = model(idx, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(*batch_of(1, 8))  # creates the AdamW state
+    idx, targets = batch_of(batch, seq)
+    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step(idx, targets)
+        peak = float(torch.cuda.max_memory_allocated())
+        rss_peak = float("nan")
+    else:
+        rss_before = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        step(idx, targets)
+        rss_peak = 1024.0 * (_status_kib("VmHWM") - rss_before)
+        tensors = [*model.parameters(), *model.buffers(), idx, targets]
+        tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        persistent = float(sum(t.numel() * t.element_size() for t in tensors))
+        peak = persistent + _allocator_peak(lambda: step(idx, targets))
+        rss_peak += persistent
+    step_s = time.perf_counter() - start
+    with sdpa_kernel(backend):
+        saved = _saved_bytes(model, idx, targets, autocast())
+    return {"measured": peak, "measured_rss": rss_peak, "saved_for_backward": saved, "seconds": step_s}
+
+
+# ---- driver ---------------------------------------------------------------------------------------
+
+# Measured here: (micro-batch, sequence) per model, fp32 and (smaller, bf16 being slow on CPUs
+# without native bf16) under bf16 autocast; l1-gpu-compatible only at a reduced size.
+SIZES = {
+    "tiny": {"fp32": (16, 256), "bf16": (8, 256)},
+    "l1-v1": {"fp32": (8, 512), "bf16": (2, 256)},
+    "l1-gpu-compatible": {"fp32": (2, 512), "bf16": (1, 128)},
+}
+
+
+def _run_child(spec: dict) -> dict:
+    """measure() in a fresh interpreter, so each configuration's peak is its own."""
+    out = subprocess.run([sys.executable, "-m", "bench.memory", "--child", json.dumps(spec)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _child(spec: dict) -> None:
+    cfg = resolve({"preset": spec["preset"]}).model
+    result = measure(cfg, spec["batch"], spec["seq"], spec["dtype"] == "bf16", spec["grad_ckpt"],
+                     spec["flash"], torch.device(spec["device"]))
+    print(json.dumps(result))
+
+
+def plan(budget_gib: float, seq: int) -> list[dict]:
+    """The largest micro-batches of l1-gpu-compatible that fit the budget, bf16 autocast, flash attention."""
+    cfg = resolve({"preset": "l1-gpu-compatible"})
+    rows = []
+    for grad_ckpt in (False, True):
+        batch = largest_batch(cfg.model, seq, budget_gib * GIB, amp_dtype=torch.bfloat16,
+                              grad_ckpt=grad_ckpt, flash=True)
+        preset = estimate_training_bytes(cfg.model, cfg.batch_size, seq, torch.bfloat16, grad_ckpt, True)
+        rows.append(dict(kind="plan", model="l1-gpu-compatible", seq=seq, budget_gib=budget_gib,
+                         dtype="bf16", flash=True, grad_ckpt=grad_ckpt, max_micro_batch=batch,
+                         tokens_per_micro_batch=batch * seq,
+                         estimate_gib_at_max=estimate_training_bytes(cfg.model, batch, seq, torch.bfloat16,
+                                                                     grad_ckpt, True)["total"] / GIB if batch else 0.0,
+                         preset_batch=cfg.batch_size, preset_estimate_gib=preset["total"] / GIB,
+                         preset_fits=preset["total"] <= budget_gib * GIB))
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--math", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure tiny with the math attention path (B x H x T x T saved)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--budget_gib", type=float, default=15.0, help="usable memory of the 16 GB GPU")
+    parser.add_argument("--seq", type=int, default=1024, help="sequence length of the 16 GB plan")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return _child(json.loads(args.child))
+    emit(kind="setup", **machine())
+    specs = [dict(preset=name, dtype=dtype, batch=SIZES[name][dtype][0], seq=SIZES[name][dtype][1],
+                  grad_ckpt=grad_ckpt, flash=True)
+             for name in args.sizes for dtype in args.dtypes for grad_ckpt in (False, True)]
+    if args.math:
+        specs.append(dict(preset="tiny", dtype="fp32", batch=4, seq=256, grad_ckpt=False, flash=False))
+    worst = 0.0
+    for spec in specs:
+        result = _run_child({**spec, "device": args.device})
+        cfg = resolve({"preset": spec["preset"]}).model
+        amp = torch.bfloat16 if spec["dtype"] == "bf16" else None
+        estimate = estimate_training_bytes(cfg, spec["batch"], spec["seq"], amp, spec["grad_ckpt"], spec["flash"])
+        error = estimate["total"] / result["measured"] - 1
+        worst = max(worst, abs(error))
+        emit(kind="memory", **spec, device=args.device, measured_mib=result["measured"] / 2**20,
+             estimate_mib=estimate["total"] / 2**20, estimate_error=error,
+             measured_rss_mib=result["measured_rss"] / 2**20,
+             saved_for_backward_mib=result["saved_for_backward"] / 2**20,
+             estimate_saved_mib=(estimate["activations"] + estimate["amp_weights"]) / 2**20,
+             peak_phase=max(("backward_start", "first_block", "last_block", "backward_end"),
+                            key=lambda k: estimate[k]),
+             parts_mib={k: round(v / 2**20, 1) for k, v in estimate.items()}, step_s=result["seconds"])
+    emit(kind="agreement", configurations=len(specs), worst_estimate_error=worst)
+    for row in plan(args.budget_gib, args.seq):
+        emit(**row)
+
+
+if __name__ == "__main__":
+    main()
