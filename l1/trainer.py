@@ -7,6 +7,7 @@ device and l1.checkpoint for the run folder. Only the scripts and the tests impo
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from l1 import checkpoint, config, runtime
+from l1 import checkpoint, config, plot, runtime
 from l1.checkpoint import CheckpointManager
 from l1.config import TrainConfig
 from l1.data import BatchIterator, eval_batches, prepare
@@ -29,6 +30,7 @@ from l1.model import GPT
 
 TRAINING_ARGS = "training_args.json"
 ASSUMED_CPU_MFU = 0.4  # for the "how long would this take here" estimate only
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # loss.png is optional
 
 
 # ---- configuration of a run ---------------------------------------------------------------------
@@ -340,6 +342,8 @@ class _Run:
                  f"{' autocast' if self.amp else ''}, compile {'on' if self.forward is not model else 'off'}, "
                  f"grad checkpointing {'on' if cfg.grad_ckpt else 'off'}, "
                  f"{self.tokens_per_step:,} tokens/step, matmul roofline {self.peak / 1e12:.3g} TFLOP/s")
+        if not HAS_MATPLOTLIB:
+            self.log("matplotlib is not installed: no loss.png (pip install matplotlib to get it)")
         if self.device.type != "cuda":
             remaining = (cfg.max_steps - self.step) * self.tokens_per_step * self.flops_per_token
             estimate = remaining / (self.peak * ASSUMED_CPU_MFU)
@@ -485,6 +489,8 @@ class _Run:
                  f"bits/byte {bpb:.4f} ({time.perf_counter() - started:.1f}s)")
         self.metrics.write(kind="eval", step=self.step, epoch=self.batches.epoch, val_loss=val_loss,
                            val_ppl=ppl, val_bpb=bpb, tokens_seen=self.tokens_seen, time=time.time())
+        if self.main and HAS_MATPLOTLIB:
+            plot.plot_run(self.run_dir)
         return val_loss
 
     def _save(self, rolling: bool, best: bool) -> None:
