@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -36,11 +37,12 @@ WEIGHTS = "model.safetensors"
 def export(run_or_checkpoint: str, out_dir: str, force: bool = False) -> Path:
     """Write the Hugging Face folder out_dir from a run folder (best, else latest checkpoint) or a
     checkpoint file (its tokenizer.json beside it). A non-empty out_dir needs force=True."""
+    _require_libraries()
     source = _checkpoint_path(Path(run_or_checkpoint))
     out = _check_out_dir(Path(out_dir), source.parent, force)
     state = checkpoint.load_file(source)
-    tokenizer = _run_tokenizer(source, state)
-    cfg = _model_config(source, state, tokenizer)
+    cfg = _model_config(source, state)
+    tokenizer = _run_tokenizer(source, state, cfg)
     weights = _weights(source, state["model"], cfg)
     hf_cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size, pad_vocab_to=1)  # unpadded
     target = out.resolve()  # a name to build a sibling from, even for "."
@@ -55,6 +57,13 @@ def export(run_or_checkpoint: str, out_dir: str, force: bool = False) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _require_libraries() -> None:
+    """Fail before reading a checkpoint (gigabytes) when the libraries that write the folder are missing."""
+    for name in ("transformers", "safetensors"):
+        if importlib.util.find_spec(name) is None:
+            raise L1Error(f"export needs {name}: pip install transformers safetensors")
 
 
 def _checkpoint_path(path: Path) -> Path:
@@ -80,22 +89,22 @@ def _check_out_dir(out: Path, run_dir: Path, force: bool) -> Path:
     return out
 
 
-def _run_tokenizer(source: Path, state: dict) -> Tokenizer:
-    """The tokenizer.json beside the checkpoint, which must be the one the model was trained with."""
-    tokenizer = Tokenizer.load(source.parent / "tokenizer.json")
-    if tokenizer.fingerprint != state.get("tokenizer_fingerprint"):
-        raise L1Error(f"{source.parent / 'tokenizer.json'} (fingerprint {tokenizer.fingerprint}) is not the "
-                      f"tokenizer {source.name} was trained with ({state.get('tokenizer_fingerprint')})")
-    return tokenizer
-
-
-def _model_config(source: Path, state: dict, tokenizer: Tokenizer) -> ModelConfig:
+def _model_config(source: Path, state: dict) -> ModelConfig:
     if not isinstance(state.get("model"), dict) or "model_config" not in state:
         raise checkpoint.CheckpointError(f"{source} has no model weights or model_config: not an L1 model checkpoint")
-    cfg = model_config_from_dict(state["model_config"], origin=str(source))
+    return model_config_from_dict(state["model_config"], origin=str(source))
+
+
+def _run_tokenizer(source: Path, state: dict, cfg: ModelConfig) -> Tokenizer:
+    """The tokenizer.json beside the checkpoint, which must be the one the model was trained with."""
+    path = source.parent / "tokenizer.json"
+    tokenizer = Tokenizer.load(path)
+    if tokenizer.fingerprint != state.get("tokenizer_fingerprint"):
+        raise L1Error(f"{path} (fingerprint {tokenizer.fingerprint}) is not the tokenizer {source.name} "
+                      f"was trained with ({state.get('tokenizer_fingerprint')})")
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise L1Error(f"the run's tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
-    return cfg
+        raise L1Error(f"{path} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
+    return tokenizer
 
 
 def _weights(source: Path, model_state: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -168,8 +177,6 @@ def _update_json(path: Path, **values) -> None:
 
 def _publish(staging: Path, out: Path) -> None:
     """Move the finished files into place: a new folder appears whole, by one rename."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
     if not out.exists():
         staging.rename(out)
         return
@@ -195,11 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export(args.source, args.out, force=args.force)
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("transformers", "safetensors"):
-            raise
-        print(f"error: export needs {exc.name}: pip install transformers safetensors", file=sys.stderr)
-        return 2
     except L1Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -38,7 +38,8 @@ def read_records(path: str | Path) -> tuple[dict[int, dict], dict[int, dict]]:
     """The train and the eval records of a metrics.jsonl, each by step.
 
     Lines that do not parse (the trainer may be writing the last one right now) are skipped. A
-    resumed run logs again the steps after its checkpoint: the record written last wins.
+    resumed run goes back to its checkpoint's step and logs the steps after it again: the records
+    of the abandoned steps are dropped, even those the resumed run has not reached yet.
     """
     path = Path(path)
     try:
@@ -49,10 +50,15 @@ def read_records(path: str | Path) -> tuple[dict[int, dict], dict[int, dict]]:
         raise L1Error(f"cannot read {path}: {exc.strerror or exc}") from None
     train, evals = {}, {}
     for record in _records(lines):
+        step = record["step"]
         if record.get("kind") == "train" and _finite(record.get("loss")):
-            train[record["step"]] = record
+            if train and step <= next(reversed(train)):  # the newest step so far: a resume went back
+                for table in (train, evals):
+                    for old in [k for k in table if k >= step]:
+                        del table[old]
+            train[step] = record
         elif record.get("kind") == "eval" and _finite(record.get("val_loss")):
-            evals[record["step"]] = record
+            evals[step] = record
     return train, evals
 
 
@@ -92,8 +98,11 @@ def _finite(value) -> bool:
 
 def figure(series: Series, title: str, log_y: bool = False):
     """A matplotlib Figure: losses on a tall upper panel, the learning rate on a short lower one."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import StrMethodFormatter
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import StrMethodFormatter
+    except ModuleNotFoundError:
+        raise L1Error("plotting needs matplotlib: pip install matplotlib") from None
 
     fig = Figure(figsize=(9, 6), dpi=100)
     # Fixed margins: a constrained layout would draw the figure twice, doubling the time.

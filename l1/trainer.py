@@ -490,7 +490,10 @@ class _Run:
         self.metrics.write(kind="eval", step=self.step, epoch=self.batches.epoch, val_loss=val_loss,
                            val_ppl=ppl, val_bpb=bpb, tokens_seen=self.tokens_seen, time=time.time())
         if self.main and HAS_MATPLOTLIB:
-            plot.plot_run(self.run_dir)
+            try:
+                plot.plot_run(self.run_dir)
+            except L1Error as exc:  # a missing picture must not stop training
+                self.log(f"loss.png not updated: {exc}")
         return val_loss
 
     def _save(self, rolling: bool, best: bool) -> None:

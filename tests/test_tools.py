@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -63,12 +62,13 @@ def test_plot_writes_a_png_of_both_losses_and_the_lr(tmp_path):
     assert lines["train loss"].axes is lines["validation loss (best 4.108)"].axes is not lines["learning rate"].axes
 
 
-def test_series_skip_damaged_lines_and_keep_the_last_record_of_a_step(tmp_path):
+def test_series_skip_damaged_lines_and_drop_the_steps_a_resume_abandoned(tmp_path):
     lines = metrics_lines(100, eval_every=20)
-    resumed = [line.replace('"loss": ', '"loss": 1') for line in metrics_lines(100, eval_every=20, start=61)]
+    # Resumed from a step-60 checkpoint and now at step 80: steps 81-100 of the first attempt are gone.
+    resumed = [line.replace('"loss": ', '"loss": 1') for line in metrics_lines(80, eval_every=20, start=61)]
     write_metrics(tmp_path / "metrics.jsonl", lines + ["not json"] + resumed, partial='{"kind": "ev')
     series = plot.read_series(tmp_path / "metrics.jsonl")
-    assert series.train_step == list(range(1, 101)) and series.eval_step == [20, 40, 60, 80, 100]
+    assert series.train_step == list(range(1, 81)) and series.eval_step == [20, 40, 60, 80]
     assert series.train_loss[59] < 10 < series.train_loss[60]  # steps 61+ come from the resumed records
 
 
@@ -88,13 +88,11 @@ def test_plot_command_line_and_errors(tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1
 
 
-def test_plot_of_ten_thousand_records_is_fast(tmp_path):
+def test_plot_of_ten_thousand_records_with_a_torn_last_line(tmp_path):
     write_metrics(tmp_path / "metrics.jsonl", metrics_lines(10_000, eval_every=250), partial='{"kind"')
-    plot.plot_run(tmp_path, tmp_path / "warm.png")  # matplotlib's imports and font cache, once per process
-    started = time.perf_counter()
-    plot.plot_run(tmp_path)
-    # About 0.3 s on an idle core; the bound leaves room for a busy CI machine.
-    assert time.perf_counter() - started < 2.0
+    series = plot.read_series(tmp_path / "metrics.jsonl")
+    assert len(series.train_step) == 10_000 and len(series.eval_step) == 40
+    assert plot.plot_run(tmp_path).stat().st_size > 0
 
 
 # ---- l1.info --------------------------------------------------------------------------------------
