@@ -1,7 +1,7 @@
 """Decode speed: L1's KV-cache sampler against full recomputation and transformers' generate.
 
     python -m bench.generate [--quick] [--contexts 64 256 1024] [--batches 1 8] [--new_tokens 32]
-                             [--repeats 5] [--threads 1] [--n_layer 6 --n_head 8 --n_embd 512 ...]
+                             [--repeats 3] [--threads 1] [--n_layer 6 --n_head 8 --n_embd 512 ...]
 
 Same weights (L1's GPT and a LlamaForCausalLM built from it), greedy, fp32, same threads, the
 contenders interleaved, medians over repeats. Decode rates count tokens after the first one, so
@@ -105,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new_tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     parser.add_argument("--quick", action="store_true", help="contexts 64 256, batch 1, 8 new tokens")
     parser.add_argument("--no_cache_max_tokens", type=int, default=512,
