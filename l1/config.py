@@ -135,6 +135,8 @@ class TrainConfig:
     fsdp: bool = knob(False, "under torchrun: shard parameters, gradients and optimizer state with FSDP2 "
                              "instead of replicating them with DDP")
     max_bad_steps: int = knob(5, "stop after this many non-finite steps in a row")
+    tensorboard: bool = knob(False, "also write the metrics for TensorBoard (run folder's tensorboard/; "
+                                    "needs pip install tensorboard)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
 

@@ -129,19 +129,32 @@ def _make_logger(run_dir: Path, writes: bool) -> logging.Logger:
 
 
 class _Metrics:
-    """metrics.jsonl: one JSON object per line, flushed at once, for tools and plots."""
+    """metrics.jsonl: one JSON object per line, flushed at once, for tools and plots; with
+    --tensorboard the same numbers also go to TensorBoard event files."""
 
-    def __init__(self, path: Path, writes: bool):
-        self.file = open(path, "a", encoding="utf-8") if writes else None
+    def __init__(self, run_dir: Path, writes: bool, tensorboard: bool):
+        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if writes else None
+        self.board = None
+        if writes and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, **record):
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        if self.board:
+            for key, value in record.items():
+                if key not in ("kind", "step", "time") and isinstance(value, (int, float)):
+                    self.board.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+            self.board.flush()
 
     def close(self):
         if self.file:
             self.file.close()
+        if self.board:
+            self.board.close()
 
 
 class _StopFlag:
@@ -211,6 +224,8 @@ class _Run:
         self.log = self.logger.info
         self.amp = runtime.use_amp(self.device, cfg.amp)
         self.manager = CheckpointManager(self.run_dir, cfg.keep)
+        if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise L1Error("--tensorboard needs the tensorboard package: pip install tensorboard")
         if cfg.batch_size == 0 and self.device.type != "cuda":
             raise L1Error("--batch_size auto probes GPU memory and needs CUDA; give a number instead")
 
@@ -360,7 +375,7 @@ class _Run:
             config.save_json(self.cfg.to_dict(), self.run_dir / TRAINING_ARGS)
             config.save_json(dataclasses.asdict(cfg.model), self.run_dir / "config.json")
         self._announce()
-        self.metrics = _Metrics(self.run_dir / "metrics.jsonl", self.main)
+        self.metrics = _Metrics(self.run_dir, self.main, cfg.tensorboard)
         val_loss = None
         try:
             with _StopFlag(self.log) as stop:

@@ -221,3 +221,13 @@ def test_learning_rate_schedules(schedule):
         assert lrs[10:80] == [1.0] * 70 and lrs[90] == pytest.approx(0.55)
     else:
         assert lrs[55] == pytest.approx(0.55, abs=0.01)
+
+
+def test_tensorboard_gets_the_same_metrics(corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert train(tiny_args(corpus, tmp_path, max_steps=4) + ["--tensorboard"]) == 0
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "eval/val_loss", "eval/val_bpb"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
