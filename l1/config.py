@@ -49,6 +49,8 @@ class ModelConfig:
     norm_eps: float = knob(1e-5, "RMSNorm epsilon")
     init_std: float = knob(0.02, "std of the normal init; residual projections are scaled down")
     pad_vocab_to: int = knob(64, "embedding rows are padded to a multiple of this for fast matmuls")
+    qk_norm: bool = knob(False, "RMSNorm each head's queries and keys before RoPE (as in OLMo 2 and Qwen3), "
+                                "which bounds the attention logits")
 
     def __post_init__(self):
         _require_positive(self, "vocab_size", "n_layer", "n_head", "n_embd", "block_size",
@@ -121,6 +123,8 @@ class TrainConfig:
     beta1: float = knob(0.9, "AdamW beta1")
     beta2: float = knob(0.95, "AdamW beta2")
     grad_clip: float = knob(1.0, "clip the global gradient norm to this (0 = off)")
+    z_loss: float = knob(0.0, "weight of the z-loss, mean(logsumexp(logits)^2), added to the training loss "
+                              "to keep the softmax normalizer near 1 (PaLM: 1e-4; 0 = off)")
     save_every: int = knob(100, "write a rolling checkpoint every N steps")
     keep: int = knob(5, "rolling checkpoints to keep")
     eval_every: int = knob(250, "evaluate on the validation split every N steps")
@@ -146,7 +150,7 @@ class TrainConfig:
         _require_positive(self, "max_steps", "grad_accum", "lr", "save_every", "keep",
                           "eval_every", "eval_batches", "log_every", "max_bad_steps")
         _require_non_negative(self, "max_minutes", "batch_size", "seq_len", "warmup_steps", "weight_decay",
-                              "grad_clip", "min_lr_ratio")
+                              "grad_clip", "min_lr_ratio", "z_loss")
         if self.seq_len > self.model.block_size:
             raise L1Error(f"seq_len ({self.seq_len}) exceeds the model's block_size "
                           f"({self.model.block_size})")

@@ -100,7 +100,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        if torch.is_grad_enabled():
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
+        # Inference (decoding runs ~13 norms per token): torch's single fused kernel.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -109,11 +112,15 @@ class Attention(nn.Module):
         self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)  # one matmul for q, k, v
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
         # Split rather than index the fused output: the backward is then one concatenation.
         qk, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).split([2, 1], dim=2)
+        if self.q_norm is not None:
+            qk = torch.stack((self.q_norm(qk[:, :, 0]), self.k_norm(qk[:, :, 1])), dim=2)
         qk = apply_rope(qk, cos[..., None, None, :], sin[..., None, None, :])  # q and k in one go
         q, k = qk.permute(2, 0, 3, 1, 4)  # (B, H, T, D) views
         v = v.squeeze(2).transpose(1, 2)
@@ -190,8 +197,10 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_mask: torch.Tensor | None = None, z_loss: float = 0.0) -> torch.Tensor:
         """Logits (B, T, padded_vocab) for idx (B, T), or the mean loss when targets are given.
+
+        z_loss: with targets, add z_loss x mean(logsumexp(logits)^2) to the cross-entropy (PaLM).
 
         cache: decode incrementally; the T new tokens occupy cache slots [length, length + T).
         positions: (B, T) RoPE positions (default: slot indices), for left-padded batches.
@@ -217,7 +226,11 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+        logits = logits.view(-1, logits.shape[-1])
+        loss = F.cross_entropy(logits, targets.reshape(-1))
+        if z_loss:
+            loss = loss + z_loss * torch.logsumexp(logits.float(), dim=-1).square().mean()
+        return loss
 
     @staticmethod
     def _attention_mask(T: int, start: int, key_mask, device):

@@ -465,7 +465,7 @@ class _Run:
             x, y = _to_device(x, device), _to_device(y, device)
             with runtime.gradient_sync(self.wrapped, enabled=micro == self.accum - 1):
                 with runtime.autocast(device, self.amp):
-                    loss = self.forward(x, y) / self.accum
+                    loss = self.forward(x, y, z_loss=self.cfg.z_loss) / self.accum
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         for optimizer in self.optimizers:

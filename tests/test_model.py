@@ -5,7 +5,7 @@ import torch
 
 from l1.config import ModelConfig, resolve
 from l1.hf import to_llama
-from l1.model import GPT, KVCache
+from l1.model import GPT, KVCache, _RMSNormFunction
 
 SMALL = ModelConfig(vocab_size=300, n_layer=2, n_head=4, n_embd=64, block_size=64)
 
@@ -35,6 +35,56 @@ def test_loss_is_cross_entropy_of_logits():
         logits = model(idx)
         expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
         torch.testing.assert_close(model(idx, targets), expected)
+
+
+def test_z_loss_adds_the_squared_log_normalizer():
+    model = small_model()
+    idx, targets = torch.randint(0, SMALL.vocab_size, (2, 2, 16))
+    with torch.no_grad():
+        logits = model(idx).flatten(0, 1)
+        normalizer = torch.logsumexp(logits, dim=-1)
+        expected = torch.nn.functional.cross_entropy(logits, targets.flatten()) + 1e-2 * normalizer.square().mean()
+        torch.testing.assert_close(model(idx, targets, z_loss=1e-2), expected)
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+    cfg = ModelConfig(**{**SMALL.__dict__, "qk_norm": True})
+    model = small_model(cfg=cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        before = model(idx)
+        for block in model.blocks:  # the q and k rows of the fused projection, scaled 10x
+            block.attn.qkv.weight[:2 * cfg.n_embd] *= 10.0
+        after = model(idx)
+        assert sum(p.numel() for n, p in model.named_parameters() if "q_norm" in n or "k_norm" in n) \
+            == 2 * cfg.n_layer * cfg.head_dim
+        plain = small_model(cfg=SMALL)
+        for block in plain.blocks:
+            block.attn.qkv.weight[:2 * SMALL.n_embd] *= 10.0
+        assert not torch.allclose(plain(idx), small_model(cfg=SMALL)(idx), atol=1e-3)  # without: it matters
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_rmsnorm_backward_passes_gradcheck():
+    x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_RMSNormFunction.apply, (x, weight, 1e-5))
+
+
+def test_compiled_training_step_matches_eager():
+    cfg = ModelConfig(**{**SMALL.__dict__, "qk_norm": True})
+    idx, targets = torch.randint(0, cfg.vocab_size, (2, 2, 32))
+    losses, grads = [], []
+    for compiled in (False, True):
+        model = small_model(cfg=cfg).train()
+        forward = torch.compile(model, fullgraph=True) if compiled else model
+        loss = forward(idx, targets, z_loss=1e-4)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad for p in model.parameters()])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    for compiled_grad, eager_grad in zip(*grads[::-1]):
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-5)
 
 
 def test_preset_parameter_counts():
