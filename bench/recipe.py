@@ -1,13 +1,16 @@
 """Which training recipe gives the best model for the same wall-clock? Validation loss per recipe.
 
-    python -m bench.recipe [--minutes 10] [--seeds 1 2 3] [--recipes baseline l1 wsd muon]
-                           [--data ../shared/data/wikipedia-sample] [--max_docs 0]
+    python -m bench.recipe [--minutes 10] [--seeds 1 2 3] [--recipes baseline l1 wsd muon ...]
+                           [--data ../shared/data/wikipedia-sample] [--out DIR] [--plot curves.png]
 
-Each recipe trains the tiny preset from scratch for the same wall-clock budget: a short probe
-measures its step time, the budget is turned into max_steps, so every schedule runs to its end.
-Seeds are the outer loop and recipes the inner one, so machine noise falls on all recipes alike;
-every recipe sees the same data order and the same validation batches for a given seed.
-Prints one JSON object per run and a summary per recipe (mean and spread over seeds).
+Each recipe trains the tiny preset from scratch for the same wall-clock budget, turned into a
+step count so that every schedule runs to its end. The baseline's probe (a few timed steps)
+gives its step count. A recipe doing the same work per step (it changes only learning rates,
+schedule or initialization) gets the same count; one that changes the work (another optimizer,
+an extra loss term, another shape) is timed against the baseline in interleaved probes and gets
+the count its relative cost allows. Seeds are the outer loop and recipes the inner one; for a
+given seed every recipe sees the same data order and the same validation batches. Prints one
+JSON object per probe and run, then a summary per recipe (mean over seeds and the spread).
 """
 
 from __future__ import annotations
@@ -16,33 +19,93 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from bench.common import emit, machine
-from l1 import config, trainer
+from l1 import config, plot, trainer
 
 # Overrides of the tiny preset. The baseline follows the classic GPT-2 reproductions: AdamW
-# betas 0.9/0.95, weight decay 0.1, warmup then cosine to 10%, lr 6e-4 scaled to width (x 768/256).
+# betas 0.9/0.95, weight decay 0.1, warmup (10% here) then cosine to 10%, lr 6e-4 scaled to width (x 768/256).
+BASELINE = {"lr": 1.8e-3, "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.1, "schedule": "cosine",
+            "min_lr_ratio": 0.1, "warmup_fraction": 0.1}
 RECIPES = {
-    "baseline": {"lr": 1.8e-3, "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.1, "schedule": "cosine",
-                 "min_lr_ratio": 0.1},
+    "baseline": BASELINE,
     "l1": {},  # the tiny preset as it stands
-    "wsd": {"schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},
-    "high_lr": {"lr": 4e-3},
-    "muon": {"optimizer": "muon", "lr": 4e-3},
+    "high_lr": {**BASELINE, "lr": 4e-3},
+    "wsd": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},
+    "wsd_high_lr": {**BASELINE, "lr": 4e-3, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},
+    "batch8": {**BASELINE, "batch_size": 8},  # half the tokens per step, twice the steps
+    "qk_norm": {**BASELINE, "model": {"qk_norm": True}},
+    "z_loss": {**BASELINE, "z_loss": 1e-4},
+    "muon": {**BASELINE, "optimizer": "muon", "lr": 4e-3},
 }
+# Knobs that leave the work of a training step unchanged.
+SAME_WORK = {"lr", "beta1", "beta2", "weight_decay", "schedule", "min_lr_ratio", "decay_fraction",
+             "warmup_fraction", "grad_clip", "seed"}
 
 
-def steps_for_budget(base: dict, seconds: float, probe_steps: int, tmp: Path) -> int:
-    """Run a few steps, read their measured speed (evaluation excluded), size the run to the budget."""
-    probe = config.resolve(config.merge(base, {"max_steps": probe_steps, "eval_batches": 1,
-                                               "out": str(tmp / "probe")}))
-    trainer.train(probe)
-    records = [json.loads(line) for line in (probe.run_dir / "metrics.jsonl").read_text().splitlines()]
-    tokens_per_s = [r["tokens_per_s"] for r in records if r["kind"] == "train"][-1]
-    tokens_per_step = probe.batch_size * probe.context * probe.grad_accum
-    return max(probe_steps, int(seconds * tokens_per_s / tokens_per_step))
+def run_config(name: str, seed: int, args, **overrides) -> config.TrainConfig:
+    """The resolved TrainConfig of one recipe and seed (warmup_fraction becomes warmup_steps)."""
+    recipe = dict(RECIPES[name])
+    warmup_fraction = recipe.pop("warmup_fraction", None)
+    base = config.merge({"preset": "tiny", "seed": seed, "log_every": 10, "eval_batches": args.eval_batches,
+                         "keep": 1, "data": {"data": args.data, "data_dir": args.data_dir,
+                                             "max_docs": args.max_docs}}, recipe)
+    if warmup_fraction is not None and "max_steps" in overrides:
+        overrides["warmup_steps"] = max(1, round(warmup_fraction * overrides["max_steps"]))
+    return config.resolve(config.merge(base, overrides))
+
+
+def probe_step_seconds(name: str, args, folder: Path) -> float:
+    """Median seconds per training step of a recipe over a short run (the first two steps excluded)."""
+    cfg = run_config(name, args.seeds[0], args, max_steps=args.probe_steps, warmup_steps=1, log_every=1,
+                     eval_batches=1, out=str(folder))
+    trainer.train(cfg)
+    records = [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "train"]
+    tokens_per_step = cfg.batch_size * cfg.context * cfg.grad_accum
+    return statistics.median(tokens_per_step / r["tokens_per_s"] for r in records[2:])
+
+
+def steps_per_recipe(names: list[str], args, tmp: Path) -> dict[str, int]:
+    """Each recipe's step count for the budget: the baseline's, scaled by measured relative cost."""
+    costly = [n for n in names if set(RECIPES[n]) - SAME_WORK and n != "baseline"]
+    times: dict[str, list[float]] = {n: [] for n in ["baseline", *costly]}
+    for round_ in range(args.probe_rounds if costly else 1):  # interleaved: noise hits all alike
+        for name in times:
+            seconds = probe_step_seconds(name, args, tmp / f"probe-{name}-{round_}")
+            times[name].append(seconds)
+            emit(kind="probe", recipe=name, round=round_, step_s=seconds)
+    baseline_s = statistics.median(times["baseline"])
+    baseline_steps = max(args.probe_steps, int(args.minutes * 60 / baseline_s))
+    steps = {}
+    for name in names:
+        relative = statistics.median(times[name]) / baseline_s if name in times else 1.0
+        steps[name] = max(args.probe_steps, round(baseline_steps / relative))
+        emit(kind="budget", recipe=name, relative_cost=relative, steps=steps[name])
+    return steps
+
+
+def plot_curves(runs: dict[str, list[Path]], minutes: float, path: Path) -> None:
+    """Training loss (mean over seeds) against the fraction of the wall-clock budget, one line per recipe."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, folders in runs.items():
+        series = [plot.read_records(f / plot.METRICS)[0] for f in folders]
+        steps = sorted(set.intersection(*(set(s) for s in series)))
+        last = steps[-1]
+        loss = [statistics.mean(s[step]["loss"] for s in series) for step in steps]
+        ax.plot([minutes * step / last for step in steps], loss, label=name)
+    ax.set_xlabel("minutes of the budget")
+    ax.set_ylabel(f"training loss (mean of {len(next(iter(runs.values())))} seeds)")
+    ax.set_ylim(top=min(ax.get_ylim()[1], 6.0))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 def main(argv=None) -> None:
@@ -54,30 +117,35 @@ def main(argv=None) -> None:
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--max_docs", type=int, default=0)
     parser.add_argument("--eval_batches", type=int, default=40)
+    parser.add_argument("--probe_steps", type=int, default=8)
+    parser.add_argument("--probe_rounds", type=int, default=3, help="interleaved probes per costlier recipe")
+    parser.add_argument("--out", default="", help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--plot", default="", help="write the loss curves to this PNG")
     args = parser.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="l1-recipe-"))
-    emit(kind="setup", **machine(), minutes=args.minutes, seeds=args.seeds, recipes=args.recipes)
-    results: dict[str, list[float]] = {name: [] for name in args.recipes}
+    tmp = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="l1-recipe-"))
+    emit(kind="setup", **machine(), minutes=args.minutes, seeds=args.seeds, recipes=args.recipes, out=str(tmp))
+    steps = steps_per_recipe(args.recipes, args, tmp)
+    losses: dict[str, list[float]] = {name: [] for name in args.recipes}
+    folders: dict[str, list[Path]] = {name: [] for name in args.recipes}
     for seed in args.seeds:
         for name in args.recipes:
-            base = config.merge({"preset": "tiny", "seed": seed, "log_every": 50,
-                                 "eval_batches": args.eval_batches, "keep": 1,
-                                 "data": {"data": args.data, "data_dir": args.data_dir, "max_docs": args.max_docs}},
-                                RECIPES[name])
-            steps = steps_for_budget(base, args.minutes * 60, 5, tmp / f"{name}-{seed}")
-            cfg = config.resolve(config.merge(base, {"max_steps": steps, "warmup_steps": max(1, steps // 10),
-                                                     "eval_every": steps, "save_every": steps,
-                                                     "out": str(tmp / f"{name}-{seed}" / "run")}))
-            started = time.perf_counter()
+            n = steps[name]
+            cfg = run_config(name, seed, args, max_steps=n, eval_every=n, save_every=n,
+                             out=str(tmp / f"{name}-{seed}"))
             result = trainer.train(cfg)
-            evals = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-            final = [r for r in evals if r["kind"] == "eval"][-1]
-            results[name].append(final["val_loss"])
-            emit(kind="run", recipe=name, seed=seed, steps=result.step, seconds=time.perf_counter() - started,
-                 tokens=final["tokens_seen"], val_loss=final["val_loss"], val_bpb=final["val_bpb"])
-    for name, losses in results.items():
-        emit(kind="summary", recipe=name, mean_val_loss=statistics.mean(losses),
-             spread=max(losses) - min(losses), runs=len(losses))
+            records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+            final = [r for r in records if r["kind"] == "eval"][-1]
+            losses[name].append(final["val_loss"])
+            folders[name].append(cfg.run_dir)
+            emit(kind="run", recipe=name, seed=seed, steps=result.step, tokens=final["tokens_seen"],
+                 val_loss=final["val_loss"], val_bpb=final["val_bpb"])
+    baseline = statistics.mean(losses["baseline"]) if "baseline" in losses else None
+    for name, values in losses.items():
+        mean = statistics.mean(values)
+        emit(kind="summary", recipe=name, steps=steps[name], mean_val_loss=mean, spread=max(values) - min(values),
+             vs_baseline=None if baseline is None else mean - baseline, runs=len(values))
+    if args.plot:
+        plot_curves(folders, args.minutes, Path(args.plot))
 
 
 if __name__ == "__main__":
