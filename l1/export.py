@@ -92,7 +92,11 @@ def _check_out_dir(out: Path, run_dir: Path, force: bool) -> Path:
 def _model_config(source: Path, state: dict) -> ModelConfig:
     if not isinstance(state.get("model"), dict) or "model_config" not in state:
         raise checkpoint.CheckpointError(f"{source} has no model weights or model_config: not an L1 model checkpoint")
-    return model_config_from_dict(state["model_config"], origin=str(source))
+    cfg = model_config_from_dict(state["model_config"], origin=str(source))
+    if cfg.qk_norm:  # Llama has no per-head query/key norms
+        raise L1Error(f"{source} was trained with --qk_norm, which the Llama format cannot hold; "
+                      "only models without it can be exported")
+    return cfg
 
 
 def _run_tokenizer(source: Path, state: dict, cfg: ModelConfig) -> Tokenizer:

@@ -181,6 +181,14 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys):
     (other / checkpoint.BEST).write_bytes((folder / checkpoint.BEST).read_bytes())
     Tokenizer.train(["a different corpus entirely"], 260).save(other / "tokenizer.json")
     assert "not the tokenizer" in _one_line_error(capsys, [other, tmp_path / "o4"])
+    qk = tmp_path / "qk"
+    qk.mkdir()
+    state = checkpoint.load_file(folder / checkpoint.BEST)
+    cfg = ModelConfig(**{**state["model_config"], "qk_norm": True})
+    checkpoint.save_file({**state, "model": GPT(cfg).state_dict(), "model_config": dataclasses.asdict(cfg)},
+                         qk / checkpoint.BEST)
+    (qk / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+    assert "--qk_norm" in _one_line_error(capsys, [qk, tmp_path / "o5"])
 
 
 def test_command_line_exit_status(tmp_path):
