@@ -25,9 +25,11 @@ from bench.common import emit, machine
 from l1 import config, plot, trainer
 
 # Overrides of the tiny preset. The baseline follows the classic GPT-2 reproductions: AdamW
-# betas 0.9/0.95, weight decay 0.1, warmup (10% here) then cosine to 10%, lr 6e-4 scaled to width (x 768/256).
+# betas 0.9/0.95, weight decay 0.1, warmup then cosine to 10%, lr 6e-4 scaled to width (x 768/256).
+# Every recipe warms up over the first 10% of its steps.
 BASELINE = {"lr": 1.8e-3, "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.1, "schedule": "cosine",
-            "min_lr_ratio": 0.1, "warmup_fraction": 0.1}
+            "min_lr_ratio": 0.1}
+WARMUP_FRACTION = 0.1
 RECIPES = {
     "baseline": BASELINE,
     "l1": {},  # the tiny preset as it stands
@@ -41,25 +43,21 @@ RECIPES = {
 }
 # Knobs that leave the work of a training step unchanged.
 SAME_WORK = {"lr", "beta1", "beta2", "weight_decay", "schedule", "min_lr_ratio", "decay_fraction",
-             "warmup_fraction", "grad_clip", "seed"}
+             "grad_clip", "seed"}
 
 
-def run_config(name: str, seed: int, args, **overrides) -> config.TrainConfig:
-    """The resolved TrainConfig of one recipe and seed (warmup_fraction becomes warmup_steps)."""
-    recipe = dict(RECIPES[name])
-    warmup_fraction = recipe.pop("warmup_fraction", None)
+def run_config(name: str, seed: int, args, max_steps: int, **overrides) -> config.TrainConfig:
+    """The resolved TrainConfig of one recipe and seed, warming up over 10% of max_steps."""
     base = config.merge({"preset": "tiny", "seed": seed, "log_every": 10, "eval_batches": args.eval_batches,
                          "keep": 1, "data": {"data": args.data, "data_dir": args.data_dir,
-                                             "max_docs": args.max_docs}}, recipe)
-    if warmup_fraction is not None and "max_steps" in overrides:
-        overrides["warmup_steps"] = max(1, round(warmup_fraction * overrides["max_steps"]))
-    return config.resolve(config.merge(base, overrides))
+                                             "max_docs": args.max_docs}}, RECIPES[name])
+    warmup = max(1, round(WARMUP_FRACTION * max_steps))
+    return config.resolve(config.merge(base, {"max_steps": max_steps, "warmup_steps": warmup, **overrides}))
 
 
 def probe_step_seconds(name: str, args, folder: Path) -> float:
     """Median seconds per training step of a recipe over a short run (the first two steps excluded)."""
-    cfg = run_config(name, args.seeds[0], args, max_steps=args.probe_steps, warmup_steps=1, log_every=1,
-                     eval_batches=1, out=str(folder))
+    cfg = run_config(name, args.seeds[0], args, args.probe_steps, log_every=1, eval_batches=1, out=str(folder))
     trainer.train(cfg)
     records = [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
                if r["kind"] == "train"]
@@ -130,8 +128,7 @@ def main(argv=None) -> None:
     for seed in args.seeds:
         for name in args.recipes:
             n = steps[name]
-            cfg = run_config(name, seed, args, max_steps=n, eval_every=n, save_every=n,
-                             out=str(tmp / f"{name}-{seed}"))
+            cfg = run_config(name, seed, args, n, eval_every=n, save_every=n, out=str(tmp / f"{name}-{seed}"))
             result = trainer.train(cfg)
             records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
             final = [r for r in records if r["kind"] == "eval"][-1]
