@@ -5,10 +5,10 @@
 
 Each recipe trains the tiny preset from scratch for the same wall-clock budget, turned into a
 step count so that every schedule runs to its end. The baseline's probe (a few timed steps)
-gives its step count. A recipe doing the same work per step (it changes only learning rates,
-schedule or initialization) gets the same count; one that changes the work (another optimizer,
-an extra loss term, another shape) is timed against the baseline in interleaved probes and gets
-the count its relative cost allows. Seeds are the outer loop and recipes the inner one; for a
+gives its step count. A recipe doing the same work per step (it changes only learning rates or
+the schedule) gets the same count; one that changes the work (another optimizer, an extra loss
+term, another batch or shape) is timed against the baseline in interleaved probes, one probe per
+distinct kind of work, and gets the count its relative cost allows. Seeds are the outer loop and recipes the inner one; for a
 given seed every recipe sees the same data order and the same validation batches. Prints one
 JSON object per probe and run, then a summary per recipe (mean over seeds and the spread).
 """
@@ -16,6 +16,7 @@ JSON object per probe and run, then a summary per recipe (mean over seeds and th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -37,15 +38,11 @@ RECIPES = {
     "wsd": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},
     "wsd_high_lr": {**BASELINE, "lr": 4e-3, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},
     "batch8": {**BASELINE, "batch_size": 8},  # half the tokens per step, twice the steps
+    "batch8_wsd": {**BASELINE, "batch_size": 8, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},
     "qk_norm": {**BASELINE, "model": {"qk_norm": True}},
     "z_loss": {**BASELINE, "z_loss": 1e-4},
     "muon": {**BASELINE, "optimizer": "muon", "lr": 4e-3},
 }
-# Knobs that leave the work of a training step unchanged.
-SAME_WORK = {"lr", "beta1", "beta2", "weight_decay", "schedule", "min_lr_ratio", "decay_fraction",
-             "grad_clip", "seed"}
-
-
 def run_config(name: str, seed: int, args, max_steps: int, **overrides) -> config.TrainConfig:
     """The resolved TrainConfig of one recipe and seed, warming up over 10% of max_steps."""
     base = config.merge({"preset": "tiny", "seed": seed, "log_every": 10, "eval_batches": args.eval_batches,
@@ -65,11 +62,24 @@ def probe_step_seconds(name: str, args, folder: Path) -> float:
     return statistics.median(tokens_per_step / r["tokens_per_s"] for r in records[2:])
 
 
+def work(cfg: config.TrainConfig) -> tuple:
+    """What sets the work of a training step: shapes, batch, optimizer, loss terms (not lr or schedule)."""
+    return (cfg.batch_size, cfg.grad_accum, cfg.context, cfg.optimizer, cfg.z_loss > 0,
+            sorted(dataclasses.asdict(cfg.model).items()))
+
+
 def steps_per_recipe(names: list[str], args, tmp: Path) -> dict[str, int]:
-    """Each recipe's step count for the budget: the baseline's, scaled by measured relative cost."""
-    costly = [n for n in names if set(RECIPES[n]) - SAME_WORK and n != "baseline"]
-    times: dict[str, list[float]] = {n: [] for n in ["baseline", *costly]}
-    for round_ in range(args.probe_rounds if costly else 1):  # interleaved: noise hits all alike
+    """Each recipe's step count for the budget: the baseline's, scaled by measured relative cost.
+
+    One probe stands for all recipes of the same work per step (the first of them named).
+    """
+    kinds = {name: repr(work(run_config(name, args.seeds[0], args, args.probe_steps)))
+             for name in ["baseline", *names]}
+    probed: dict[str, str] = {}
+    for name in kinds:
+        probed.setdefault(kinds[name], name)
+    times: dict[str, list[float]] = {name: [] for name in probed.values()}
+    for round_ in range(args.probe_rounds if len(times) > 1 else 1):  # interleaved: noise hits all alike
         for name in times:
             seconds = probe_step_seconds(name, args, tmp / f"probe-{name}-{round_}")
             times[name].append(seconds)
@@ -78,7 +88,7 @@ def steps_per_recipe(names: list[str], args, tmp: Path) -> dict[str, int]:
     baseline_steps = max(args.probe_steps, int(args.minutes * 60 / baseline_s))
     steps = {}
     for name in names:
-        relative = statistics.median(times[name]) / baseline_s if name in times else 1.0
+        relative = statistics.median(times[probed[kinds[name]]]) / baseline_s
         steps[name] = max(args.probe_steps, round(baseline_steps / relative))
         emit(kind="budget", recipe=name, relative_cost=relative, steps=steps[name])
     return steps

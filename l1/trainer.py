@@ -328,7 +328,7 @@ class _Run:
             "model": runtime.model_state(self.model),
             "optimizer": runtime.optimizer_state(self.model, self.optimizers),
             "scaler": self.scaler.state_dict(),
-            "scheduler": {"kind": "warmup_cosine", "step": self.step},  # the lr is a function of step
+            "scheduler": {"kind": f"warmup_{self.cfg.schedule}", "step": self.step},  # the lr is a function of step
             "step": self.step,
             "epoch": self.batches.epoch,
             "data_state": self.batches.state_dict(),
