@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = REPO.parent / "shared" / "data" / "wikipedia-sample"
@@ -68,3 +69,13 @@ def run_script(script: str, *args, cwd=REPO, timeout=300, **popen) -> subprocess
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout, **popen)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices on shared cores gain nothing from threads and lose much to contention
+    (measured 7x slower); modules opt in with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,13 +26,7 @@ def save_run(run, model: GPT, tokenizer: Tokenizer, step: int = 7) -> None:
     tokenizer.save(run / "tokenizer.json")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors this small gain nothing from threads, and lose much on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
