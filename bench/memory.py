@@ -26,7 +26,8 @@ import torch
 
 from bench.common import emit, machine
 from l1.config import ModelConfig, resolve
-from l1.model import GPT
+from l1.loss import chunk_rows
+from l1.model import GPT, matmul_attention_pays
 
 GIB = 2.0 ** 30
 ADAMW_MOMENTS = 2  # exp_avg and exp_avg_sq, fp32 like the weights
@@ -42,76 +43,97 @@ def _param_counts(cfg: ModelConfig) -> tuple[int, int]:
     return matmul + norms, matmul
 
 
-def layer_activation_bytes(cfg: ModelConfig, tokens: int, seq: int, act_bytes: int, flash: bool) -> float:
+def attention_path(device_type: str, amp_dtype: torch.dtype | None, seq: int, flash: bool) -> str:
+    """Which attention L1 runs in training: 'flash' (SDPA), 'math' (SDPA's math kernel, when
+    flash is switched off) or 'matmul' (the model's own, where it pays: CPU, bf16, short contexts)."""
+    if matmul_attention_pays(device_type, amp_dtype or torch.float32, seq):
+        return "matmul"
+    return "flash" if flash else "math"
+
+
+def layer_activation_bytes(cfg: ModelConfig, tokens: int, seq: int, act_bytes: int, attention: str) -> float:
     """Bytes one block saves for backward in L1's eager autograd graph (as saved-tensor hooks count them).
 
-    Always: the two RMSNorms' normalized inputs (fp32, the residual stream's dtype); in the
-    activation dtype, the normed inputs of qkv and gate_up (under autocast their bf16 copies),
-    the attention output (proj's input), the SwiGLU gate/up output, silu(gate) and the product
-    (down's input). Flash attention keeps the qkv output (v is a view of it), the RoPE'd q and k
-    and one fp32 logsumexp per head and query. The math path keeps none of those but contiguous,
-    scaled fp32 copies of q, k and v and the fp32 softmax, B x H x T x T (CPU upcasts bf16 there).
+    Always, in the activation dtype: the two RMSNorms' normalized inputs and outputs (the latter
+    being the inputs of qkv and gate_up), the attention output (proj's input), the SwiGLU gate/up
+    output, silu(gate) and the product (down's input). Flash attention keeps the qkv output (v is
+    a view of it), the RoPE'd q and k and one fp32 logsumexp per head and query. The math path
+    keeps none of those but contiguous, scaled fp32 copies of q, k and v and the fp32 softmax,
+    B x H x T x T (CPU upcasts bf16 there). The matmul path keeps the qkv output, the RoPE'd q
+    and k and the softmax, B x H x T x T in the activation dtype.
     """
     C, H = cfg.n_embd, cfg.mlp_hidden
-    per_token = 2 * C * 4 + 3 * C * act_bytes + 4 * H * act_bytes
-    if flash:
+    per_token = 2 * C * act_bytes + 3 * C * act_bytes + 4 * H * act_bytes
+    if attention == "flash":
         per_token += 5 * C * act_bytes + cfg.n_head * 4
+    elif attention == "matmul":  # at batch 1 q, k and v stay views of the RoPE'd qk and of qkv
+        per_token += (3 if tokens > seq else 5) * C * act_bytes + cfg.n_head * seq * act_bytes
     else:
         per_token += 3 * C * 4 + cfg.n_head * seq * 4
     return float(tokens * per_token)
 
 
 def estimate_training_bytes(cfg: ModelConfig, batch: int, seq: int, amp_dtype: torch.dtype | None = None,
-                            grad_ckpt: bool = False, flash: bool = True) -> dict[str, float]:
+                            grad_ckpt: bool = False, attention: str = "flash") -> dict[str, float]:
     """Peak bytes of one training step (fp32 weights, fused AdamW, eager autograd), by part.
 
-    Weights, gradients and the two AdamW moments are fp32; under autocast every matmul weight is
-    also cast once to amp_dtype for the step. Activations are what autograd saves: per block
-    layer_activation_bytes, or with checkpointing only the block's fp32 input (the block is
-    recomputed in backward, one at a time). The loss saves fp32 log-probabilities (tokens x padded
-    vocab); its backward adds two more such buffers. Backward then frees activations block by
-    block while gradients appear, so the peak is the largest of: its start (activations and the
-    loss's buffers), the first or the last block's backward (saved or recomputed activations, the
-    gradients so far, the block's working buffers), and its end (all gradients while the tied
-    embedding's two partial gradients are summed). 'total' is that peak.
+    Weights, gradients and the two AdamW moments are fp32; under autocast every block's matmul
+    weight is also cast once to amp_dtype for the step. Activations are what autograd saves: per
+    block layer_activation_bytes, or with checkpointing only the block's fp32 input (the block is
+    recomputed in backward, one at a time). The loss (l1/loss.py) computes its gradients in the
+    forward pass, a chunk of rows at a time, and keeps the head input's gradient (tokens x width)
+    and the head weight's (fp32); its forward holds, besides, the head input and weight in the
+    matmul dtype and one chunk's buffers. Backward then frees activations block by block while
+    gradients appear, so the peak is the largest of: the loss's forward, the start of backward,
+    the first or the last block's backward (saved or recomputed activations, the gradients so
+    far, the block's working buffers), and its end (all gradients while the tied embedding's two
+    partial gradients are summed). 'total' is that peak.
     """
     L, C, H, V = cfg.n_layer, cfg.n_embd, cfg.mlp_hidden, cfg.padded_vocab_size
     N = batch * seq
     s = torch.finfo(amp_dtype).bits // 8 if amp_dtype is not None else 4
     params, matmul = _param_counts(cfg)
-    layer = layer_activation_bytes(cfg, N, seq, s, flash)
+    layer = layer_activation_bytes(cfg, N, seq, s, attention)
     kept = N * C * 4.0 if grad_ckpt else layer  # what each block keeps until its backward
-    head = N * (C * 4 + C * s + V * 4 + 2 * 8)  # final norm, head input, log-probs, ids, targets
+    ids = N * 8.0  # token ids (int64), kept to the end for the embedding's backward
+    head_grad = 4.0 * V * C
+    head = N * C * s + ids + N * C * s + head_grad  # final norm, ids, the loss's saved gradients
+    rows = min(chunk_rows(V), N)
+    cast = s if amp_dtype is not None else 0
+    # The loss's forward: its input (the final norm's output) and the head weight in the matmul
+    # dtype, then per chunk the logits in fp32 and (briefly) in the matmul dtype, their gradient
+    # in that dtype, and the weight gradient's chunk from one matmul (under autocast also its
+    # fp32 copy, made to add it up).
+    loss_work = N * C * s + cast * V * C + rows * V * (4 + cast) + s * V * C + (4 * V * C if cast else 0)
     layer_grads = 4.0 * (4 * C * C + 3 * C * H + 2 * C)
     # Working buffers of one block's backward, fitted to the measurements: about two gradients
     # of the residual stream (fp32) and two of the SwiGLU hidden activations.
     work = N * (2 * C * 4 + 2 * H * s) + (layer if grad_ckpt else 0.0)  # + the recomputed block
-    # bf16 copies of the weights (autocast casts each once per forward and backward keeps them):
-    # all of them at the start of backward, fewer as it proceeds; with checkpointing only the
-    # head's and those of the block being recomputed.
+    if attention != "flash":  # the gradient of the scores, B x H x T x T
+        work += N * cfg.n_head * seq * (s if attention == "matmul" else 4)
+    # bf16 copies of the block weights (autocast casts each once per forward and backward keeps
+    # them): all of them at the start of backward, fewer as it proceeds; with checkpointing only
+    # those of the block being recomputed.
     block_matmul = 4 * C * C + 3 * C * H
-    cast = s if amp_dtype is not None else 0
-    amp_start = cast * (V * C if grad_ckpt else matmul)
+    amp_start = cast * (0 if grad_ckpt else matmul - V * C)
     amp_first = cast * (block_matmul if grad_ckpt else matmul - V * C)
-    ids = N * 2 * 8.0  # token ids and targets (int64), kept to the end for the embedding's backward
     parts = {
         "weights": 4.0 * params,
         "adamw": 4.0 * ADAMW_MOMENTS * params,
         "grads": 4.0 * params,
         "amp_weights": float(amp_start),
         "activations": L * kept + head,
-        "loss_backward": 2.0 * N * V * 4,
+        "loss_forward": loss_work,
+        "loss_backward": N * C * (4 + s) + head_grad,
         "block_backward": work,
     }
-    head_grad = 4.0 * V * C
     phases = {
+        "loss": amp_start + L * kept + head + loss_work,
         "backward_start": amp_start + L * kept + head + parts["loss_backward"],
         "first_block": amp_first + L * kept + ids + head_grad + work,
         "last_block": cast * block_matmul + kept + ids + head_grad + (L - 1) * layer_grads + work,
-        # The tied weight's two gradients are summed at the very end. In fp32 the head's comes out
-        # of linear's backward as a transposed view, so the sum is a third buffer; under
-        # autocast it is the fp32 copy of a bf16 gradient, which the sum reuses in place.
-        "backward_end": parts["grads"] + (head_grad if amp_dtype is not None else 2 * head_grad),
+        # The tied weight's second gradient (the embedding's) is summed into the first at the very end.
+        "backward_end": parts["grads"] + head_grad,
     }
     parts.update(phases)
     parts["total"] = parts["weights"] + parts["adamw"] + max(phases.values())
@@ -245,13 +267,13 @@ def plan(budget_gib: float, seq: int) -> list[dict]:
     rows = []
     for grad_ckpt in (False, True):
         batch = largest_batch(cfg.model, seq, budget_gib * GIB, amp_dtype=torch.bfloat16,
-                              grad_ckpt=grad_ckpt, flash=True)
-        preset = estimate_training_bytes(cfg.model, cfg.batch_size, seq, torch.bfloat16, grad_ckpt, True)
+                              grad_ckpt=grad_ckpt, attention="flash")
+        preset = estimate_training_bytes(cfg.model, cfg.batch_size, seq, torch.bfloat16, grad_ckpt, "flash")
         rows.append(dict(kind="plan", model="l1-gpu-compatible", seq=seq, budget_gib=budget_gib,
                          dtype="bf16", flash=True, grad_ckpt=grad_ckpt, max_micro_batch=batch,
                          tokens_per_micro_batch=batch * seq,
                          estimate_gib_at_max=estimate_training_bytes(cfg.model, batch, seq, torch.bfloat16,
-                                                                     grad_ckpt, True)["total"] / GIB if batch else 0.0,
+                                                                     grad_ckpt, "flash")["total"] / GIB if batch else 0.0,
                          preset_batch=cfg.batch_size, preset_estimate_gib=preset["total"] / GIB,
                          preset_fits=preset["total"] <= budget_gib * GIB))
     return rows
@@ -281,15 +303,16 @@ def main(argv=None) -> None:
         result = _run_child({**spec, "device": args.device})
         cfg = resolve({"preset": spec["preset"]}).model
         amp = torch.bfloat16 if spec["dtype"] == "bf16" else None
-        estimate = estimate_training_bytes(cfg, spec["batch"], spec["seq"], amp, spec["grad_ckpt"], spec["flash"])
+        attention = attention_path(torch.device(args.device).type, amp, spec["seq"], spec["flash"])
+        estimate = estimate_training_bytes(cfg, spec["batch"], spec["seq"], amp, spec["grad_ckpt"], attention)
         error = estimate["total"] / result["measured"] - 1
         worst = max(worst, abs(error))
-        emit(kind="memory", **spec, device=args.device, measured_mib=result["measured"] / 2**20,
+        emit(kind="memory", **spec, attention=attention, device=args.device, measured_mib=result["measured"] / 2**20,
              estimate_mib=estimate["total"] / 2**20, estimate_error=error,
              measured_rss_mib=result["measured_rss"] / 2**20,
              saved_for_backward_mib=result["saved_for_backward"] / 2**20,
              estimate_saved_mib=(estimate["activations"] + estimate["amp_weights"]) / 2**20,
-             peak_phase=max(("backward_start", "first_block", "last_block", "backward_end"),
+             peak_phase=max(("loss", "backward_start", "first_block", "last_block", "backward_end"),
                             key=lambda k: estimate[k]),
              parts_mib={k: round(v / 2**20, 1) for k, v in estimate.items()}, step_s=result["seconds"])
     emit(kind="agreement", configurations=len(specs), worst_estimate_error=worst)

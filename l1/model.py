@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from l1.config import ModelConfig
+from l1.loss import linear_cross_entropy
 
 
 class KVCache:
@@ -70,16 +71,18 @@ class _RMSNormFunction(torch.autograd.Function):
     """y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps), with the backward written out.
 
     Autograd through the composite formula saves x and x * rstd and runs about twenty kernels;
-    this saves x * rstd alone and runs about ten.
+    this saves x * rstd alone and runs about ten. The statistics are fp32; the output comes in
+    out_dtype, under autocast the dtype of the matmul it feeds, so that matmul needs no cast.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        wide = torch.promote_types(x.dtype, torch.float32)  # half-precision inputs: statistics in fp32
+    def forward(ctx, x, weight, eps, out_dtype):
+        wide = torch.promote_types(x.dtype, torch.float32)
         rstd = torch.rsqrt(x.to(wide).pow(2).mean(-1, keepdim=True) + eps)
-        x_hat = (x * rstd).to(x.dtype)
+        x_hat = (x * rstd).to(out_dtype)
         ctx.save_for_backward(x_hat, rstd, weight)
-        return (x_hat * weight).to(x.dtype)
+        ctx.x_dtype = x.dtype
+        return x_hat * weight.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -87,8 +90,8 @@ class _RMSNormFunction(torch.autograd.Function):
         grad_x_hat = grad * weight
         # d/dx of x * rstd: the component along x_hat is divided out, the rest scaled by rstd.
         grad_x = (grad_x_hat - x_hat * (grad_x_hat * x_hat).mean(-1, keepdim=True)) * rstd
-        grad_weight = (grad * x_hat).flatten(0, -2).sum(0)
-        return grad_x.to(x_hat.dtype), grad_weight.to(weight.dtype), None
+        grad_weight = (grad * x_hat).flatten(0, -2).sum(0, dtype=torch.float32)
+        return grad_x.to(ctx.x_dtype), grad_weight.to(weight.dtype), None, None
 
 
 class RMSNorm(nn.Module):
@@ -101,9 +104,33 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if torch.is_grad_enabled():
-            return _RMSNormFunction.apply(x, self.weight, self.eps)
+            device = x.device.type
+            out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            return _RMSNormFunction.apply(x, self.weight, self.eps, out_dtype)
         # Inference (decoding runs ~13 norms per token): torch's single fused kernel.
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def matmul_attention_pays(device_type: str, dtype: torch.dtype, keys: int) -> bool:
+    """Whether two plain matmuls beat SDPA for a multi-query attention over this many keys.
+
+    On CPU in bf16/fp16 with up to 256 keys, the scores' matmuls (oneDNN's bf16 GEMMs) and one
+    softmax over the whole T x S block beat the CPU flash kernel (the l1-v1 and tiny steps
+    measured 2-14% faster); beyond that the T x S scores outgrow the caches and flash wins, as
+    it does in fp32. On GPUs the flash kernels always win.
+    """
+    return device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) and keys <= 256
+
+
+def causal_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(D)) v for (B, H, T, D) inputs, the T x T scores materialized
+    in q's dtype (torch's softmax accumulates in fp32 even for bf16). One baddbmm scales the
+    scores and adds the causal -inf bias, so neither needs a pass of its own, nor a backward."""
+    B, H, T, D = q.shape
+    bias = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+    scores = torch.baddbmm(bias, q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2),
+                           alpha=1.0 / math.sqrt(D))
+    return (scores.softmax(dim=-1) @ v.reshape(B * H, T, D)).view(B, H, T, D)
 
 
 class Attention(nn.Module):
@@ -132,6 +159,8 @@ class Attention(nn.Module):
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             y = scores.float().softmax(dim=-1).to(v.dtype) @ v
+        elif mask is None and matmul_attention_pays(q.device.type, q.dtype, T):
+            y = causal_matmul_attention(q, k, v)
         elif mask is None:
             # Without a cache, or when the query block starts the sequence, causal alignment is
             # the default top-left one (the flash / memory-efficient kernels on CUDA).
@@ -223,14 +252,10 @@ class GPT(nn.Module):
                 x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.norm(x))
+        x = self.norm(x)
         if targets is None:
-            return logits
-        logits = logits.view(-1, logits.shape[-1])
-        loss = F.cross_entropy(logits, targets.reshape(-1))
-        if z_loss:
-            loss = loss + z_loss * torch.logsumexp(logits.float(), dim=-1).square().mean()
-        return loss
+            return self.lm_head(x)
+        return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), z_loss)
 
     @staticmethod
     def _attention_mask(T: int, start: int, key_mask, device):

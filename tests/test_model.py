@@ -68,7 +68,7 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
 def test_rmsnorm_backward_passes_gradcheck():
     x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(16, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_RMSNormFunction.apply, (x, weight, 1e-5))
+    assert torch.autograd.gradcheck(_RMSNormFunction.apply, (x, weight, 1e-5, torch.float64))
 
 
 def test_compiled_training_step_matches_eager():

@@ -1,0 +1,98 @@
+"""The training loss: the vocabulary head and cross-entropy in one pass over row chunks.
+
+Materializing the (tokens x vocabulary) logits, their fp32 copy for the softmax, its output and
+their gradients costs several buffers of tokens x vocab x 4 bytes per step: on a CPU the biggest
+tensors of the step, freshly page-faulted each time, and on a 16 GB GPU a gigabyte at the
+flagship shape. Here each chunk of rows goes through the head, the softmax and its gradient while
+it is still in cache, and only the gradients of the head's input and weight are kept: the
+backward has nothing left to compute but a scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# fp32 bytes of one chunk's logits: small enough for the CPU's caches and for glibc to reuse the
+# memory instead of mapping it anew, large enough for the chunk's matmuls to run at full rate.
+CHUNK_BYTES = 4 * 2**20
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk for a vocabulary of this size."""
+    return max(64, CHUNK_BYTES // (4 * vocab))
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The matmul dtype autocast would pick for x's device, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _chunks(x: torch.Tensor, targets: torch.Tensor, vocab: int):
+    rows = chunk_rows(vocab)
+    return zip(x.split(rows), targets.split(rows))
+
+
+def _chunk_loss(xc: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, z_loss: float):
+    """Summed loss of one chunk's logits xc @ w.T, with exp(logits - max) (n, V, at least fp32, the
+    logits' buffer reused), their row sums and log-normalizers (n, 1) for the gradient."""
+    logits = xc @ w.t()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    target_logit = logits.gather(1, targets[:, None])
+    row_max = logits.amax(dim=-1, keepdim=True)
+    exps = logits.sub_(row_max).exp_()
+    sums = exps.sum(dim=-1, keepdim=True)
+    lse = sums.log() + row_max
+    total = (lse - target_logit).sum()
+    if z_loss:
+        total = total + z_loss * lse.square().sum()
+    return total, exps, sums, lse
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The mean loss, the gradients of x and weight computed alongside it and kept for backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, z_loss, dtype):
+        w = weight.to(dtype)
+        grad_x = torch.empty(x.shape, dtype=dtype, device=x.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(dtype, torch.float32), device=x.device)
+        total, start = 0.0, 0
+        for xc, tc in _chunks(x.to(dtype), targets, weight.shape[0]):
+            loss, exps, sums, lse = _chunk_loss(xc, w, tc, z_loss)
+            total = total + loss
+            # d(loss sum)/d(logits) = softmax - onehot, the z-loss adding 2 z lse softmax.
+            probs = exps.mul_((1 + 2 * z_loss * lse) / sums if z_loss else sums.reciprocal())
+            probs.scatter_add_(1, tc[:, None], probs.new_full((len(tc), 1), -1.0))
+            grad_logits = probs.to(dtype)
+            grad_x[start:start + len(tc)] = grad_logits @ w
+            grad_w.add_(grad_logits.t() @ xc)
+            start += len(tc)
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.count, ctx.x_dtype, ctx.w_dtype = len(targets), x.dtype, weight.dtype
+        return total / len(targets)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_loss / ctx.count
+        return (grad_x * scale).to(ctx.x_dtype), (grad_w * scale).to(ctx.w_dtype), None, None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         z_loss: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy of the logits x @ weight.T (x: (N, C), weight: (V, C), targets: (N,) int64).
+
+    Equal to F.cross_entropy(F.linear(x, weight), targets) (+ z_loss * mean(logsumexp^2)), the
+    matmuls in autocast's dtype, the softmax in fp32, without ever holding all N x V logits.
+    Every target counts (there is no ignore index).
+    """
+    dtype = compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):  # the casts are explicit here
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _LinearCrossEntropy.apply(x, weight, targets, z_loss, dtype)
+        w, total = weight.to(dtype), 0.0
+        for xc, tc in _chunks(x.to(dtype), targets, weight.shape[0]):
+            total = total + _chunk_loss(xc, w, tc, z_loss)[0]
+        return total / len(targets)
