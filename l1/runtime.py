@@ -150,7 +150,7 @@ class CompiledOrEager:
 
     def __init__(self, model: torch.nn.Module, log):
         self.model = model
-        self.compiled = torch.compile(model) if torch.compiler.is_dynamo_supported() else None
+        self.compiled = torch.compile(model) if torch._dynamo.is_dynamo_supported() else None
         self.log = log
         if self.compiled is None:
             log("torch.compile is not supported on this platform; running eagerly")

@@ -231,3 +231,18 @@ def test_tensorboard_gets_the_same_metrics(corpus, tmp_path):
     events.Reload()
     assert {"train/loss", "train/lr", "eval/val_loss", "eval/val_bpb"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
+
+
+def test_compiled_run_matches_eager(corpus, tmp_path):
+    """--compile really compiles (no eager fallback) and trains like the eager model."""
+    losses = {}
+    for flag in ("--no-compile", "--compile"):
+        out = tmp_path / flag.strip("-")
+        args = tiny_args(corpus, out, max_steps=4, eval_every=4, save_every=4, log_every=1)
+        assert train(args + [flag, "--no-amp"]) == 0
+        log = (out / "run" / "training.log").read_text()
+        assert f"compile {'on' if flag == '--compile' else 'off'}" in log and "eagerly" not in log
+        records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+        losses[flag] = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(losses["--compile"]) == 4
+    assert losses["--compile"] == pytest.approx(losses["--no-compile"], abs=1e-3)
