@@ -11,7 +11,9 @@ of the shapes that dominate the step, so the machine's noise hits all alike; the
 median FLOP/s is the roofline that MFU is quoted against. FLOPs per token are L1's
 GPT.flops_per_token for every contender. bf16 autocast is measured by default only where the
 CPU computes bf16 natively (elsewhere it is several times slower than fp32): ask for it with
---dtypes fp32 bf16. Prints one JSON object per measurement, then one summary per shape.
+--dtypes fp32 bf16. Prints one JSON object per measurement, then one summary per shape: L1's
+default configuration (the dtype and compile setting the trainer picks on this machine for a
+long run) against the best peer configuration.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import emit, interleaved, machine
+from l1 import runtime
 from l1.config import ModelConfig, resolve
 from l1.hf import to_llama
 from l1.model import GPT
@@ -142,14 +145,15 @@ def label(record: dict) -> str:
     return f"{record['contender']}/{record['dtype']}/{'compiled' if record['compiled'] else 'eager'}"
 
 
-def summarize(shape: str, records: list[dict], default_dtype: str) -> dict:
-    """L1 against the best peer configuration of the shape; L1's default is eager in its default dtype."""
+def summarize(shape: str, records: list[dict], default_dtype: str, default_compiled: bool) -> dict:
+    """L1 against the best peer configuration of the shape, L1's default being its default dtype
+    and compile setting."""
     best_peer = max((r for r in records if r["contender"] in PEERS), key=lambda r: r["tokens_per_s"])
     for r in records:
         if r["contender"] == "l1":
             r["ratio_vs_best_peer"] = r["tokens_per_s"] / best_peer["tokens_per_s"]
     default = next(r for r in records if r["contender"] == "l1" and r["dtype"] == default_dtype
-                   and not r["compiled"])
+                   and r["compiled"] == default_compiled)
     best_l1 = max((r for r in records if r["contender"] == "l1"), key=lambda r: r["tokens_per_s"])
     return dict(kind="summary", shape=shape, l1_default=label(default),
                 l1_default_tokens_per_s=default["tokens_per_s"], l1_default_mfu=default["mfu"],
@@ -177,13 +181,18 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     emit(kind="setup", **machine(), cores=os.cpu_count(), native_bf16=native_bf16)
     default_dtype = "bf16" if native_bf16 else "fp32"  # what runtime.use_amp picks on this CPU
+    # What the trainer picks for a run long enough for throughput to matter (runtime.use_compile).
+    default_compiled = runtime.use_compile(torch.device("cpu"), None, float("inf"))
+    default_mode = "compiled" if default_compiled else "eager"
+    emit(kind="defaults", dtype=default_dtype, mode=default_mode)
     for shape in args.shapes:
         records = []
         for dtype in args.dtypes:
             slow = dtype == "bf16" and not native_bf16
             records += measure_group(shape, dtype, args.modes, args.bf16_repeats if slow else args.repeats,
                                      min(args.warmup, 1) if slow else args.warmup)
-        summary = summarize(shape, records, default_dtype) if default_dtype in args.dtypes else None
+        measured_default = default_dtype in args.dtypes and default_mode in args.modes
+        summary = summarize(shape, records, default_dtype, default_compiled) if measured_default else None
         for record in records:
             emit(**record)
         if summary:

@@ -132,7 +132,8 @@ class TrainConfig:
     log_every: int = knob(10, "write a training.log line every N steps")
     seed: int = knob(1337, "seed for initialization and data order")
     device: str = knob("auto", "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
-    compile: typing.Optional[bool] = knob(None, "torch.compile the model (default: on for CUDA)")
+    compile: typing.Optional[bool] = knob(None, "torch.compile the model (default: on for CUDA; on CPU for runs "
+                                                    "expected to last over 10 minutes)")
     amp: typing.Optional[bool] = knob(None, "mixed precision: bf16 autocast, or fp16 with loss scaling where "
                                             "bf16 is missing (default: on for GPUs and CPUs with native bf16)")
     grad_ckpt: bool = knob(False, "recompute each block in the backward pass to save activation memory")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -138,6 +139,27 @@ def memory_in_use(device: torch.device) -> float:
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux reports KiB
     return float("nan")
+
+
+# torch.compile on a CPU costs about a minute (the training and the evaluation graphs) and then
+# makes a step 15-20% faster (BENCHMARKS.md): it pays for runs longer than this.
+CPU_COMPILE_PAYS_AFTER_S = 600.0
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor would use for CPU kernels, or None where there is none."""
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return next((path for path in map(shutil.which, candidates) if path), None)
+
+
+def use_compile(device: torch.device, requested: bool | None, expected_seconds: float) -> bool:
+    """torch.compile unless turned off: always on CUDA; on CPU where a C++ compiler exists and the
+    run is expected to last longer than CPU_COMPILE_PAYS_AFTER_S; never on MPS."""
+    if requested is not None:
+        return requested
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and expected_seconds > CPU_COMPILE_PAYS_AFTER_S and cpp_compiler() is not None
 
 
 def compile_model(model: torch.nn.Module, log) -> "CompiledOrEager":

@@ -33,3 +33,15 @@ def test_amp_defaults_follow_the_hardware():
     assert runtime.use_amp(cpu, None) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     assert runtime.use_amp(cpu, False) is False and runtime.use_amp(cpu, True) is True
     assert runtime.amp_dtype(cpu) == torch.bfloat16 and not runtime.needs_grad_scaler(cpu, True)
+
+
+def test_compile_defaults_to_where_it_pays(monkeypatch):
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    long, short = 2 * runtime.CPU_COMPILE_PAYS_AFTER_S, runtime.CPU_COMPILE_PAYS_AFTER_S / 2
+    assert runtime.use_compile(cuda, None, short) and not runtime.use_compile(cuda, False, long)
+    assert not runtime.use_compile(mps, None, long) and runtime.use_compile(cpu, True, short)
+    monkeypatch.setenv("CXX", "g++")
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert runtime.use_compile(cpu, None, long) and not runtime.use_compile(cpu, None, short)
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)  # no C++ compiler: inductor cannot run
+    assert runtime.cpp_compiler() is None and not runtime.use_compile(cpu, None, long)
