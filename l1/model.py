@@ -1,8 +1,9 @@
 """The GPT: a decoder-only transformer in the modern (Llama) style, readable in one sitting.
 
 RoPE positions, RMSNorm, SwiGLU MLP, no biases, tied input/output embeddings, causal attention
-through scaled_dot_product_attention (flash / memory-efficient kernels on CUDA). A pure
-nn.Module: it knows nothing of devices, mixed precision, compilation, DDP or files.
+through scaled_dot_product_attention (flash kernels on CUDA; plain matmuls where those measured
+faster), the loss through l1/loss.py's chunked head. A pure nn.Module: it picks kernels by the
+tensors it is given, and knows nothing of device placement, compilation, DDP or files.
 
 The weights map one-to-one onto transformers' LlamaForCausalLM (see l1/hf.py), which the tests
 use as the reference implementation.

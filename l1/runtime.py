@@ -141,8 +141,8 @@ def memory_in_use(device: torch.device) -> float:
     return float("nan")
 
 
-# torch.compile on a CPU costs about a minute (the training and the evaluation graphs) and then
-# makes a step 15-20% faster (BENCHMARKS.md): it pays for runs longer than this.
+# torch.compile on a CPU costs tens of seconds (the training and the evaluation graphs) and then
+# makes a step 10-15% faster (BENCHMARKS.md): it pays for runs longer than this.
 CPU_COMPILE_PAYS_AFTER_S = 600.0
 
 

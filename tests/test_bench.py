@@ -3,16 +3,21 @@
 import pytest
 import torch
 
-from bench.memory import estimate_training_bytes, measure
+from bench.memory import attention_path, estimate_training_bytes, measure
 from l1.config import ModelConfig
 
 SMALL = ModelConfig(vocab_size=1000, n_layer=2, n_head=4, n_embd=128, block_size=128)
 
 
 @pytest.mark.parametrize("grad_ckpt", [False, True])
-def test_memory_model_agrees_with_a_measured_step(grad_ckpt):
-    measured = measure(SMALL, batch=4, seq=128, amp=False, grad_ckpt=grad_ckpt, flash=True,
+@pytest.mark.parametrize("amp, peak_tolerance", [(False, 0.01), (True, 0.05)])
+def test_memory_model_agrees_with_a_measured_step(grad_ckpt, amp, peak_tolerance):
+    """fp32 peaks within 1%; under bf16 autocast (the chunked loss's casts, CPU matmul attention)
+    within 5%; what autograd saves for backward within 1% in both."""
+    measured = measure(SMALL, batch=4, seq=128, amp=amp, grad_ckpt=grad_ckpt, flash=True,
                        device=torch.device("cpu"))
-    estimate = estimate_training_bytes(SMALL, 4, 128, None, grad_ckpt, attention="flash")
-    assert estimate["total"] == pytest.approx(measured["measured"], rel=0.01)
-    assert estimate["activations"] == pytest.approx(measured["saved_for_backward"], rel=0.01)
+    dtype = torch.bfloat16 if amp else None
+    estimate = estimate_training_bytes(SMALL, 4, 128, dtype, grad_ckpt, attention_path("cpu", dtype, 128, True))
+    assert estimate["total"] == pytest.approx(measured["measured"], rel=peak_tolerance)
+    saved = estimate["activations"] + estimate["amp_weights"]
+    assert saved == pytest.approx(measured["saved_for_backward"], rel=0.01)
