@@ -106,11 +106,11 @@ def estimate_training_bytes(cfg: ModelConfig, batch: int, seq: int, amp_dtype: t
     # fp32 copy, made to add it up).
     loss_work = N * C * s + cast * V * C + rows * V * (4 + cast) + s * V * C + (4 * V * C if cast else 0)
     layer_grads = 4.0 * (4 * C * C + 3 * C * H + 2 * C)
-    # Working buffers of one block's backward, fitted to the measurements: about two gradients
-    # of the residual stream (fp32) and two of the SwiGLU hidden activations.
-    work = N * (2 * C * 4 + 2 * H * s) + (layer if grad_ckpt else 0.0)  # + the recomputed block
-    if attention != "flash":  # the gradient of the scores, B x H x T x T
-        work += N * cfg.n_head * seq * (s if attention == "matmul" else 4)
+    # A block's backward peaks in its SwiGLU product's backward (the profiler's live tensors
+    # there): the residual stream's gradient (fp32) and three hidden-sized gradients (down's
+    # input, gate's and up's) are alive, and down's fp32 weight gradient; down's input itself
+    # has just been freed. With checkpointing, the recomputed block's activations too.
+    work = N * (C * 4 + 2 * H * s) + 4.0 * C * H + (layer if grad_ckpt else 0.0)
     # bf16 copies of the block weights (autocast casts each once per forward and backward keeps
     # them): all of them at the start of backward, fewer as it proceeds; with checkpointing only
     # those of the block being recomputed.

@@ -10,10 +10,11 @@ SMALL = ModelConfig(vocab_size=1000, n_layer=2, n_head=4, n_embd=128, block_size
 
 
 @pytest.mark.parametrize("grad_ckpt", [False, True])
-@pytest.mark.parametrize("amp, peak_tolerance", [(False, 0.01), (True, 0.05)])
+@pytest.mark.parametrize("amp, peak_tolerance", [(False, 0.01), (True, 0.025)])
 def test_memory_model_agrees_with_a_measured_step(grad_ckpt, amp, peak_tolerance):
     """fp32 peaks within 1%; under bf16 autocast (the chunked loss's casts, CPU matmul attention)
-    within 5%; what autograd saves for backward within 1% in both."""
+    within 2.5% (this small model's loss-phase peak is 1.8% above the estimate; the presets'
+    are within 0.35%); what autograd saves for backward within 1% in both."""
     measured = measure(SMALL, batch=4, seq=128, amp=amp, grad_ckpt=grad_ckpt, flash=True,
                        device=torch.device("cpu"))
     dtype = torch.bfloat16 if amp else None
