@@ -74,7 +74,8 @@ def layer_activation_bytes(cfg: ModelConfig, tokens: int, seq: int, act_bytes: i
 
 
 def estimate_training_bytes(cfg: ModelConfig, batch: int, seq: int, amp_dtype: torch.dtype | None = None,
-                            grad_ckpt: bool = False, attention: str = "flash") -> dict[str, float]:
+                            grad_ckpt: bool = False, attention: str = "flash",
+                            device_type: str = "cpu") -> dict[str, float]:
     """Peak bytes of one training step (fp32 weights, fused AdamW, eager autograd), by part.
 
     Weights, gradients and the two AdamW moments are fp32; under autocast every block's matmul
@@ -98,7 +99,7 @@ def estimate_training_bytes(cfg: ModelConfig, batch: int, seq: int, amp_dtype: t
     ids = N * 8.0  # token ids (int64), kept to the end for the embedding's backward
     head_grad = 4.0 * V * C
     head = N * C * s + ids + N * C * s + head_grad  # final norm, ids, the loss's saved gradients
-    rows = min(chunk_rows(V), N)
+    rows = min(chunk_rows(V, device_type), N)
     cast = s if amp_dtype is not None else 0
     # The loss's forward: its input (the final norm's output) and the head weight in the matmul
     # dtype, then per chunk the logits in fp32 and (briefly) in the matmul dtype, their gradient
@@ -264,16 +265,16 @@ def _child(spec: dict) -> None:
 def plan(budget_gib: float, seq: int) -> list[dict]:
     """The largest micro-batches of l1-gpu-compatible that fit the budget, bf16 autocast, flash attention."""
     cfg = resolve({"preset": "l1-gpu-compatible"})
+    gpu = dict(attention="flash", device_type="cuda")
     rows = []
     for grad_ckpt in (False, True):
-        batch = largest_batch(cfg.model, seq, budget_gib * GIB, amp_dtype=torch.bfloat16,
-                              grad_ckpt=grad_ckpt, attention="flash")
-        preset = estimate_training_bytes(cfg.model, cfg.batch_size, seq, torch.bfloat16, grad_ckpt, "flash")
+        batch = largest_batch(cfg.model, seq, budget_gib * GIB, amp_dtype=torch.bfloat16, grad_ckpt=grad_ckpt, **gpu)
+        preset = estimate_training_bytes(cfg.model, cfg.batch_size, seq, torch.bfloat16, grad_ckpt, **gpu)
         rows.append(dict(kind="plan", model="l1-gpu-compatible", seq=seq, budget_gib=budget_gib,
                          dtype="bf16", flash=True, grad_ckpt=grad_ckpt, max_micro_batch=batch,
                          tokens_per_micro_batch=batch * seq,
                          estimate_gib_at_max=estimate_training_bytes(cfg.model, batch, seq, torch.bfloat16,
-                                                                     grad_ckpt, "flash")["total"] / GIB if batch else 0.0,
+                                                                     grad_ckpt, **gpu)["total"] / GIB if batch else 0.0,
                          preset_batch=cfg.batch_size, preset_estimate_gib=preset["total"] / GIB,
                          preset_fits=preset["total"] <= budget_gib * GIB))
     return rows
@@ -303,8 +304,10 @@ def main(argv=None) -> None:
         result = _run_child({**spec, "device": args.device})
         cfg = resolve({"preset": spec["preset"]}).model
         amp = torch.bfloat16 if spec["dtype"] == "bf16" else None
-        attention = attention_path(torch.device(args.device).type, amp, spec["seq"], spec["flash"])
-        estimate = estimate_training_bytes(cfg, spec["batch"], spec["seq"], amp, spec["grad_ckpt"], attention)
+        device_type = torch.device(args.device).type
+        attention = attention_path(device_type, amp, spec["seq"], spec["flash"])
+        estimate = estimate_training_bytes(cfg, spec["batch"], spec["seq"], amp, spec["grad_ckpt"], attention,
+                                           device_type)
         error = estimate["total"] / result["measured"] - 1
         worst = max(worst, abs(error))
         emit(kind="memory", **spec, attention=attention, device=args.device, measured_mib=result["measured"] / 2**20,

@@ -20,7 +20,7 @@ def reference(x, weight, targets, z_loss):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 64 rows for a 300-word vocabulary: several per batch, the last one ragged."""
-    monkeypatch.setattr(loss_module, "CHUNK_BYTES", 64 * 4 * 300)
+    monkeypatch.setitem(loss_module.CHUNK_BYTES, "cpu", 64 * 4 * 300)
 
 
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2])
@@ -29,7 +29,7 @@ def test_loss_and_gradients_equal_cross_entropy_of_the_logits(small_chunks, z_lo
     x = torch.randn(200, 32, dtype=torch.float64, requires_grad=True)
     weight = (torch.randn(300, 32, dtype=torch.float64) * 0.3).requires_grad_()
     targets = torch.randint(0, 300, (200,))
-    assert loss_module.chunk_rows(300) == 64
+    assert loss_module.chunk_rows(300, "cpu") == 64
     expected = reference(x, weight, targets, z_loss)
     got = linear_cross_entropy(x, weight, targets, z_loss)
     torch.testing.assert_close(got, expected)
@@ -38,6 +38,12 @@ def test_loss_and_gradients_equal_cross_entropy_of_the_logits(small_chunks, z_lo
                                torch.autograd.grad(expected / 3, (x, weight)))
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(x, weight, targets, z_loss), expected)
+
+
+def test_chunks_fit_the_cpu_caches_and_stay_few_on_gpus():
+    assert loss_module.chunk_rows(4096, "cpu") == 256  # 4 MiB of fp32 logits
+    assert loss_module.chunk_rows(20544, "cpu") == 64  # never fewer rows than that
+    assert loss_module.chunk_rows(20544, "cuda") * 3 >= 8 * 1024  # the flagship's micro-batch: 3 chunks
 
 
 def test_bf16_autocast_stays_close_to_fp32(small_chunks):
