@@ -59,8 +59,9 @@ def layer_activation_bytes(cfg: ModelConfig, tokens: int, seq: int, act_bytes: i
     output, silu(gate) and the product (down's input). Flash attention keeps the qkv output (v is
     a view of it), the RoPE'd q and k and one fp32 logsumexp per head and query. The math path
     keeps none of those but contiguous, scaled fp32 copies of q, k and v and the fp32 softmax,
-    B x H x T x T (CPU upcasts bf16 there). The matmul path keeps the qkv output, the RoPE'd q
-    and k and the softmax, B x H x T x T in the activation dtype.
+    B x H x T x T (CPU upcasts bf16 there). The matmul path keeps contiguous copies of q, k and v
+    (reshaping them for its batched matmuls makes them; at batch 1 they stay views of the RoPE'd
+    q and k and of the qkv output) and the softmax, B x H x T x T in the activation dtype.
     """
     C, H = cfg.n_embd, cfg.mlp_hidden
     per_token = 2 * C * act_bytes + 3 * C * act_bytes + 4 * H * act_bytes

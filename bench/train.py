@@ -180,8 +180,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     emit(kind="setup", **machine(), cores=os.cpu_count(), native_bf16=native_bf16)
-    default_dtype = "bf16" if native_bf16 else "fp32"  # what runtime.use_amp picks on this CPU
-    # What the trainer picks for a run long enough for throughput to matter (runtime.use_compile).
+    # What the trainer picks on this CPU for a run long enough for throughput to matter.
+    default_dtype = "bf16" if runtime.use_amp(torch.device("cpu"), None) else "fp32"
     default_compiled = runtime.use_compile(torch.device("cpu"), None, float("inf"))
     default_mode = "compiled" if default_compiled else "eager"
     emit(kind="defaults", dtype=default_dtype, mode=default_mode)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from l1.config import ModelConfig
-from l1.loss import linear_cross_entropy
+from l1.loss import compute_dtype, linear_cross_entropy
 
 
 class KVCache:
@@ -105,9 +105,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if torch.is_grad_enabled():
-            device = x.device.type
-            out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-            return _RMSNormFunction.apply(x, self.weight, self.eps, out_dtype)
+            return _RMSNormFunction.apply(x, self.weight, self.eps, compute_dtype(x))
         # Inference (decoding runs ~13 norms per token): torch's single fused kernel.
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
@@ -117,7 +115,7 @@ def matmul_attention_pays(device_type: str, dtype: torch.dtype, keys: int) -> bo
 
     On CPU in bf16/fp16 with up to 256 keys, the scores' matmuls (oneDNN's bf16 GEMMs) and one
     softmax over the whole T x S block beat the CPU flash kernel (the l1-v1 and tiny steps
-    measured 2-14% faster); beyond that the T x S scores outgrow the caches and flash wins, as
+    measured 4-22% faster); beyond that the T x S scores outgrow the caches and flash wins, as
     it does in fp32. On GPUs the flash kernels always win.
     """
     return device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) and keys <= 256

@@ -297,16 +297,18 @@ class _Run:
                      f"{self.tokens_seen:,} tokens seen)")
         self.tokens_per_step = cfg.batch_size * cfg.context * cfg.grad_accum  # global, any world size
         self.flops_per_token = self.model.flops_per_token(cfg.context)
-        self.peak = runtime.matmul_peak_flops(self.device, runtime.amp_dtype(self.device) if self.amp else torch.float32)
-        compile_on = runtime.use_compile(self.device, cfg.compile, self._expected_seconds())
+        self.matmul_dtype = runtime.amp_dtype(self.device) if self.amp else torch.float32
+        self.peak = runtime.matmul_peak_flops(self.device, self.matmul_dtype)
+        expected = self._remaining_seconds()
+        if cfg.max_minutes:
+            expected = min(expected, cfg.max_minutes * 60)
+        compile_on = runtime.use_compile(self.device, cfg.compile, expected)
         self.forward = runtime.compile_model(self.wrapped, self.log) if compile_on else self.wrapped
 
-    def _expected_seconds(self) -> float:
-        """A rough duration of the rest of the run, from the matmul roofline (CPU-like MFU assumed),
-        capped by --max_minutes."""
+    def _remaining_seconds(self) -> float:
+        """A rough duration of the remaining steps, from the matmul roofline at a CPU-like MFU."""
         remaining = (self.cfg.max_steps - self.step) * self.tokens_per_step * self.flops_per_token
-        seconds = remaining / (self.peak * ASSUMED_CPU_MFU)
-        return min(seconds, self.cfg.max_minutes * 60) if self.cfg.max_minutes else seconds
+        return remaining / (self.peak * ASSUMED_CPU_MFU)
 
     def _auto_batch_size(self) -> None:
         """--batch_size auto: the largest micro-batch that fits this GPU; grad_accum keeps the
@@ -352,7 +354,7 @@ class _Run:
 
     def _announce(self):
         cfg, model = self.cfg, self.model
-        dtype = runtime.amp_dtype(self.device) if self.amp else torch.float32
+        dtype = self.matmul_dtype
         self.log(f"model {cfg.preset}: {model.num_params():,} parameters "
                  f"({model.num_params(exclude_padding=True):,} without the padded vocab rows), "
                  f"{cfg.model.n_layer} layers x {cfg.model.n_embd} wide, {cfg.model.n_head} heads, "
@@ -367,10 +369,8 @@ class _Run:
         if not HAS_MATPLOTLIB:
             self.log("matplotlib is not installed: no loss.png (pip install matplotlib to get it)")
         if self.device.type != "cuda":
-            estimate = (cfg.max_steps - self.step) * self.tokens_per_step * self.flops_per_token / (
-                self.peak * ASSUMED_CPU_MFU)
             self.log(f"no CUDA GPU: training on {self.device}; the remaining {cfg.max_steps - self.step} "
-                     f"steps of {cfg.preset} would take about {_duration(estimate)} here")
+                     f"steps of {cfg.preset} would take about {_duration(self._remaining_seconds())} here")
 
     # -- the loop --
 
