@@ -101,7 +101,7 @@ def estimate_training_bytes(cfg: ModelConfig, batch: int, seq: int, amp_dtype: t
     ids = N * 8.0  # token ids (int64), kept to the end for the embedding's backward
     head_grad = 4.0 * V * C
     head = N * C * s + ids + N * C * s + head_grad  # final norm, ids, the loss's saved gradients
-    rows = min(chunk_rows(V, device_type), N)
+    rows = min(chunk_rows(V, device_type, N), N)
     cast = s if amp_dtype is not None else 0
     # The loss's forward: its input (the final norm's output) and the head weight in the matmul
     # dtype, then per chunk the logits in fp32 and (briefly) in the matmul dtype, their gradient

@@ -66,16 +66,19 @@ def build(contender: str, cfg: ModelConfig, seq: int):
 
 
 def training_step(model, loss_fn, idx, targets, amp: torch.dtype | None, compiled: bool):
-    """A closure running one full training step: forward, loss, backward, fused AdamW."""
+    """A closure running one full training step: forward, loss, backward, fused AdamW (on the
+    device of idx, waited for, so that wall time is the step's)."""
     forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
+    precision = runtime.Precision(idx.device.type, amp or torch.float32)
 
     def step() -> None:
-        with runtime.Precision("cpu", amp or torch.float32).autocast():
+        with precision.autocast():
             loss = loss_fn(forward, idx, targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        runtime.synchronize(idx.device)
 
     return step
 
@@ -86,39 +89,44 @@ def gemm_shapes(cfg: ModelConfig, tokens: int) -> list[tuple[int, int, int]]:
     return [(tokens, C, 3 * C), (tokens, C, 2 * H), (tokens, H, C), (tokens, C, V)]
 
 
-def gemm(m: int, k: int, n: int, dtype: torch.dtype, target_s: float = 0.3):
+def gemm(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, target_s: float = 0.3):
     """A closure running enough (M, K) x (K, N) matmuls for about target_s, and their FLOPs."""
-    x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
-    F.linear(x, w)  # lets oneDNN pick its kernel
+    x, w = torch.randn(m, k, dtype=dtype, device=device), torch.randn(n, k, dtype=dtype, device=device)
+    F.linear(x, w)  # lets oneDNN (or cuBLAS) pick its kernel
+    runtime.synchronize(device)
     start = time.perf_counter()
     F.linear(x, w)
+    runtime.synchronize(device)
     count = max(1, round(target_s / (time.perf_counter() - start)))
 
     def run() -> None:
         for _ in range(count):
             F.linear(x, w)
+        runtime.synchronize(device)
 
     return run, 2.0 * m * k * n * count
 
 
-def measure_group(shape: str, dtype: str, modes: list[str], repeats: int, warmup: int) -> list[dict]:
+def measure_group(shape: str, dtype: str, modes: list[str], repeats: int, warmup: int,
+                  device: torch.device) -> list[dict]:
     """Every contender of one shape and dtype, eager and compiled, in turns with the roofline GEMMs."""
     cfg, batch = SHAPES[shape]
     seq, amp = cfg.block_size, DTYPES[dtype]
     torch.manual_seed(1)
-    data = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
+    data = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     idx, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     flops_per_token = GPT(cfg).flops_per_token(seq)
     steps, params = {}, {}
     for contender in ("l1", *PEERS):
         for mode in modes:
             model, loss_fn = build(contender, cfg, seq)
+            model = model.to(device)
             params[contender] = sum(p.numel() for p in model.parameters())
             step = training_step(model, loss_fn, idx, targets, amp, mode == "compiled")
             for _ in range(warmup):  # compilation and first-touch allocations happen here
                 step()
             steps[(contender, mode)] = step
-    gemms = {s: gemm(*s, amp or torch.float32) for s in gemm_shapes(cfg, batch * seq)}
+    gemms = {s: gemm(*s, amp or torch.float32, device) for s in gemm_shapes(cfg, batch * seq)}
     load_before = os.getloadavg()[0]
     seconds = interleaved({**steps, **{("gemm", s): run for s, (run, _) in gemms.items()}}, repeats)
     roofline = max(flops / seconds[("gemm", s)] for s, (_, flops) in gemms.items())
@@ -163,8 +171,10 @@ def summarize(shape: str, records: list[dict], default_dtype: str, default_compi
 
 
 def main(argv=None) -> None:
-    native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (python -m bench.gpu runs it there)")
+    device = torch.device(parser.parse_known_args(argv)[0].device)
+    native_bf16 = runtime.native_bf16(device)
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
                         default=list(DTYPES) if native_bf16 else ["fp32"])
@@ -179,9 +189,9 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     emit(kind="setup", **machine(), cores=os.cpu_count(), native_bf16=native_bf16)
-    # What the trainer picks on this CPU for a run long enough for throughput to matter.
-    default_dtype = runtime.precision(torch.device("cpu")).name
-    default_compiled = runtime.use_compile(torch.device("cpu"), None, float("inf"))
+    # What the trainer picks on this device for a run long enough for throughput to matter.
+    default_dtype = runtime.precision(device).name
+    default_compiled = runtime.use_compile(device, None, float("inf"))
     default_mode = "compiled" if default_compiled else "eager"
     emit(kind="defaults", dtype=default_dtype, mode=default_mode)
     for shape in args.shapes:
@@ -189,7 +199,7 @@ def main(argv=None) -> None:
         for dtype in args.dtypes:
             slow = dtype == "bf16" and not native_bf16
             records += measure_group(shape, dtype, args.modes, args.bf16_repeats if slow else args.repeats,
-                                     min(args.warmup, 1) if slow else args.warmup)
+                                     min(args.warmup, 1) if slow else args.warmup, device)
         measured_default = default_dtype in args.dtypes and default_mode in args.modes
         summary = summarize(shape, records, default_dtype, default_compiled) if measured_default else None
         for record in records:

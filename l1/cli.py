@@ -8,6 +8,7 @@ status 130, the shell's code for SIGINT. Bugs keep their traceback.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Callable
 
@@ -25,7 +26,8 @@ def entry_point(main: Callable[..., int | None]) -> Callable[..., int]:
         try:
             return main(*args, **kwargs) or 0
         except L1Error as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fails alike: say it once
+                print(f"error: {exc}", file=sys.stderr)
             return EXIT_ERROR
         except KeyboardInterrupt:
             print("\ninterrupted", file=sys.stderr)

@@ -151,6 +151,8 @@ class TrainConfig:
     amp: typing.Optional[bool] = knob(None, "mixed precision: bf16 autocast, or fp16 with loss scaling where "
                                             "bf16 is missing (default: on for GPUs and CPUs with native bf16)")
     grad_ckpt: bool = knob(False, "recompute each block in the backward pass to save activation memory")
+    deterministic: bool = knob(False, "CUDA: deterministic kernels, so a resumed run matches an uninterrupted "
+                                      "one bit for bit (slower; CPU runs are deterministic anyway)")
     fsdp: bool = knob(False, "under torchrun: shard parameters, gradients and optimizer state with FSDP2 "
                              "instead of replicating them with DDP")
     max_bad_steps: int = knob(5, "stop after this many non-finite steps in a row")

@@ -7,6 +7,7 @@ about devices and wrappers lives here.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import shutil
 import sys
@@ -17,6 +18,18 @@ from typing import Callable
 import torch
 
 from l1.errors import L1Error
+
+
+# The oldest torch with every API L1 uses: torch.optim.Muon (2.9), public fully_shard and
+# MixedPrecisionPolicy (2.6), is_bf16_supported(including_emulation=...) (2.4).
+MIN_TORCH = "2.9"
+
+
+def check_torch_version(version: str = torch.__version__) -> None:
+    """Refuse, in one line, a torch older than L1 needs (pip would not stop an old install)."""
+    if torch.torch_version.TorchVersion(version) < MIN_TORCH:
+        raise L1Error(f"L1 needs torch >= {MIN_TORCH}, found {version}: pip install -U torch "
+                      "(on a CPU-only machine: pip install -U torch --index-url https://download.pytorch.org/whl/cpu)")
 
 
 def pick_device(spec: str = "auto") -> torch.device:
@@ -114,8 +127,12 @@ def largest_batch(fits, limit: int = 1024) -> int:
 
 def cuda_batch_fits(step, device: torch.device, reserve_bytes: float, headroom: float = 0.9):
     """fits(b) for largest_batch: run step(b) (a forward and backward) and compare its peak memory,
-    plus what is reserved for the optimizer state, with the GPU's total memory."""
-    total = torch.cuda.get_device_properties(device).total_memory
+    plus what is reserved for the optimizer state, with the memory free on the GPU now (a card
+    that also drives a display has 1-2 GB less than its total). A probe that runs out of memory
+    counts as a miss; step must leave no gradients behind, even when it fails."""
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = headroom * (free + torch.cuda.memory_allocated(device))  # what is ours already counts in the peak
 
     def fits(batch: int) -> bool:
         torch.cuda.empty_cache()
@@ -126,9 +143,46 @@ def cuda_batch_fits(step, device: torch.device, reserve_bytes: float, headroom: 
             return False
         finally:
             torch.cuda.empty_cache()
-        return torch.cuda.max_memory_allocated(device) + reserve_bytes <= headroom * total
+        return torch.cuda.max_memory_allocated(device) + reserve_bytes <= budget
 
     return fits
+
+
+def probe_step(model: torch.nn.Module, precision: Precision, vocab_size: int, context: int,
+               device: torch.device) -> Callable[[int], None]:
+    """step(b) for cuda_batch_fits: a forward and backward of b random sequences. It never leaves
+    gradients behind, even when it fails half-way (an out-of-memory backward leaves partial ones)."""
+
+    def step(batch: int) -> None:
+        try:
+            x = torch.randint(0, vocab_size, (batch, context), device=device)
+            with precision.autocast():
+                model(x, x).backward()
+        finally:
+            model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def split_batch(batch_size: int, grad_accum: int, world_size: int) -> tuple[int, int]:
+    """(micro-batch, micro-steps) of each process, so that world_size processes together consume
+    exactly batch_size x grad_accum sequences per optimizer step, in the fewest micro-steps whose
+    micro-batch is at most batch_size (the size known to fit in memory)."""
+    total = batch_size * grad_accum
+    if total % world_size:
+        raise L1Error(f"--batch_size {batch_size} x --grad_accum {grad_accum} = {total} sequences per step "
+                      f"cannot be shared evenly by {world_size} processes; make it a multiple of {world_size}")
+    per_rank = total // world_size
+    accum = next(a for a in range(-(-per_rank // batch_size), per_rank + 1) if per_rank % a == 0)
+    return per_rank // accum, accum
+
+
+def fit_global_batch(largest_micro: int, sequences_per_step: int) -> tuple[int, int]:
+    """(batch_size, grad_accum) for --batch_size auto: the largest micro-batch no bigger than what
+    fits that divides the wanted sequences per optimizer step, so the global batch stays the
+    preset's whatever fits (and whatever the world size: see split_batch)."""
+    batch = max(b for b in range(1, min(largest_micro, sequences_per_step) + 1) if sequences_per_step % b == 0)
+    return batch, sequences_per_step // batch
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3, windows: int = 6) -> float:
@@ -183,9 +237,12 @@ def synchronize(device: torch.device) -> None:
 
 
 def memory_in_use(device: torch.device) -> float:
-    """Peak bytes: CUDA allocator peak on GPU, peak resident set size of the process elsewhere."""
+    """Peak bytes since the last call on GPU (the CUDA allocator's, then reset, so each log line
+    shows its own window); the process's peak resident set size elsewhere."""
     if device.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(device))
+        peak = float(torch.cuda.max_memory_allocated(device))
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
     if sys.platform.startswith("linux"):
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux reports KiB
@@ -241,11 +298,28 @@ class Runtime:
     precision: Precision
 
 
-def setup(device_spec: str = "auto", amp: bool | None = None) -> Runtime:
+# Non-main ranks wait at this barrier while the main rank downloads, trains the tokenizer and
+# tokenizes: hours for a large corpus, far past NCCL's 10-minute default.
+PREPARATION_TIMEOUT = datetime.timedelta(hours=24)
+
+
+def setup(device_spec: str = "auto", amp: bool | None = None, deterministic: bool = False) -> Runtime:
     """The one place a process picks its device and precision: joins the torchrun job if launched
-    by one (nccl on CUDA, gloo on CPU, this rank's own GPU), else runs as rank 0 of 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    by one (nccl on CUDA, gloo on CPU, this rank's own GPU), else runs as rank 0 of 1.
+
+    fp32 matmuls on CUDA use TF32 (as every peer does; bf16 autocast is unaffected).
+    deterministic=True makes CUDA runs repeatable bit for bit: deterministic algorithms, the
+    cuBLAS workspace setting, and no cuDNN autotuning (CPU runs are deterministic already).
+    """
+    check_torch_version()
     device = pick_device(device_spec)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Runtime(Distributed(), device, precision(device, amp))
     import torch.distributed as dist
@@ -257,7 +331,21 @@ def setup(device_spec: str = "auto", amp: bool | None = None) -> Runtime:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
+    global _preparation_group
+    _preparation_group = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
     return Runtime(Distributed(rank, world_size, local_rank), device, precision(device, amp))
+
+
+_preparation_group = None  # a gloo group with a long timeout, for the wait on data preparation
+
+
+def wait_for_preparation(ctx: Distributed) -> None:
+    """A barrier that waits as long as the main rank's data preparation takes (see
+    PREPARATION_TIMEOUT); a no-op in one process."""
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dist.barrier(group=_preparation_group)
 
 
 def shutdown_distributed(ctx: Distributed) -> None:
@@ -299,15 +387,21 @@ def parallelize(model: torch.nn.Module, rt: "Runtime", *, grad_ckpt: bool, compi
         model.compile()
     outer = model
     if rt.dist.enabled and fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # Under mixed precision, gather parameters in the compute dtype (half the traffic of fp32)
+        # and reduce gradients in fp32, as torchtitan does; the sharded master weights stay fp32.
+        policy = MixedPrecisionPolicy(param_dtype=rt.precision.compute_dtype, reduce_dtype=torch.float32) \
+            if rt.precision.amp else MixedPrecisionPolicy()
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)  # the root holds the tied embedding / head and the final norm
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)  # the root holds the tied embedding / head and the final norm
     elif rt.dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        outer = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        # Gradients as views into the all-reduce buckets: no copy in and out of them each step.
+        outer = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                                        gradient_as_bucket_view=True)
     return outer, (EagerFallback(outer, model, log) if compiled else outer)
 
 
@@ -353,6 +447,15 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: Distributed) -> torch.Tensor:
         import torch.distributed as dist
 
         dist.all_reduce(tensor)
+    return tensor
+
+
+def all_reduce_min(tensor: torch.Tensor, ctx: Distributed) -> torch.Tensor:
+    """The minimum of a tensor over ranks (in place); a no-op in one process."""
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return tensor
 
 

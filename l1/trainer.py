@@ -204,7 +204,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     The set-up, in order: device and precision (runtime.setup), the run folder and its log, the
     prepared corpus, the micro-batch size (--batch_size auto), then the run itself.
     """
-    rt = runtime.setup(cfg.device, cfg.amp)
+    rt = runtime.setup(cfg.device, cfg.amp, cfg.deterministic)
     if cfg.batch_size == 0 and rt.device.type != "cuda":
         raise L1Error("--batch_size auto probes GPU memory and needs CUDA; give a number instead")
     try:
@@ -241,37 +241,33 @@ def _prepare_data(cfg: TrainConfig, dist: runtime.Distributed, log) -> PreparedD
         # A resumed run keeps its own tokenizer even if the prepared corpus was deleted.
         data_cfg = dataclasses.replace(data_cfg, tokenizer=str(run_tokenizer))
     if not dist.is_main:
-        runtime.barrier(dist)
+        runtime.wait_for_preparation(dist)
     data = prepare(data_cfg, cfg.model.vocab_size, cfg.seed, log=log)
     if dist.is_main:
-        runtime.barrier(dist)
+        runtime.wait_for_preparation(dist)
         data.tokenizer.save(run_tokenizer)
     return data
 
 
 def auto_batch_size(cfg: TrainConfig, rt: runtime.Runtime, log) -> TrainConfig:
-    """--batch_size auto: the config with the largest micro-batch that fits this GPU, found by a
-    short probe; grad_accum keeps the tokens per step of the preset's own batch. The sizes found
+    """--batch_size auto: the config whose micro-batch is the largest that fits this GPU (the
+    smallest over all ranks, so every rank runs the same micro-steps), found by a short probe on a
+    throw-away model, while the sequences per optimizer step stay the preset's. The sizes found
     are stored with the run (training_args.json)."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model).to(rt.device)
-
-    def step(batch: int) -> None:
-        x = torch.randint(0, cfg.model.vocab_size, (batch, cfg.context), device=rt.device)
-        with rt.precision.autocast():
-            model(x, x).backward()
-        model.zero_grad(set_to_none=True)
-
+    step = runtime.probe_step(model, rt.precision, cfg.model.vocab_size, cfg.context, rt.device)
     optimizer_bytes = 2 * 4 * cfg.model.num_params  # AdamW's two fp32 moments
-    batch = runtime.largest_batch(runtime.cuda_batch_fits(step, rt.device, optimizer_bytes), limit=512)
+    largest = runtime.largest_batch(runtime.cuda_batch_fits(step, rt.device, optimizer_bytes), limit=512)
     del model
-    if batch == 0:
+    largest = int(runtime.all_reduce_min(torch.tensor(largest, device=rt.device), rt.dist).item())
+    if largest == 0:
         raise L1Error(f"not even one sequence of {cfg.context} tokens fits this GPU; try --grad_ckpt, "
                       "a shorter --seq_len or a smaller preset")
-    world = rt.dist.world_size
     wanted = config.preset_dict(cfg.preset).get("batch_size", TrainConfig.batch_size) * cfg.grad_accum
-    accum = max(world, round(wanted / batch / world) * world)
-    log(f"--batch_size auto: {batch} sequences of {cfg.context} tokens fit this GPU; grad_accum {accum}")
+    batch, accum = runtime.fit_global_batch(largest, wanted)
+    log(f"--batch_size auto: {largest} sequences of {cfg.context} tokens fit this GPU; batch_size {batch}, "
+        f"grad_accum {accum} ({wanted} sequences per optimizer step, as the preset)")
     return dataclasses.replace(cfg, batch_size=batch, grad_accum=accum)
 
 
@@ -285,10 +281,8 @@ class _Run:
         self.writes_files = rt.dist.is_main
         self.run_dir = cfg.run_dir
         self.tokenizer = data.tokenizer
-        if cfg.grad_accum % self.dist.world_size:
-            raise L1Error(f"--grad_accum {cfg.grad_accum} must be a multiple of the {self.dist.world_size} "
-                          "processes, so that every world size trains on the same global batch")
-        self.accum = cfg.grad_accum // self.dist.world_size  # micro-steps per rank and optimizer step
+        # Each process's share of the global batch, which is the same for any number of processes.
+        self.micro_batch, self.accum = runtime.split_batch(cfg.batch_size, cfg.grad_accum, self.dist.world_size)
         self.tokens_per_step = cfg.batch_size * cfg.context * cfg.grad_accum  # global, any world size
         self.batches = self._make_batches()
 
@@ -317,10 +311,10 @@ class _Run:
 
     def _make_batches(self) -> BatchIterator:
         cfg = self.cfg
-        batches = BatchIterator(self.data.tokens("train"), cfg.context, cfg.batch_size, cfg.seed,
+        batches = BatchIterator(self.data.tokens("train"), cfg.context, self.micro_batch, cfg.seed,
                                 rank=self.dist.rank, world_size=self.dist.world_size)
         val_windows = (len(self.data.tokens("val")) - 1) // cfg.context
-        needed = cfg.batch_size * self.dist.world_size
+        needed = self.micro_batch * self.dist.world_size
         if val_windows < needed:
             raise L1Error(f"the validation split holds {val_windows} sequences of {cfg.context} tokens, "
                           f"fewer than one evaluation batch ({needed}); raise --val_fraction or use more data")
@@ -378,7 +372,7 @@ class _Run:
                  f"vocab {cfg.model.vocab_size}")
         if self.dist.enabled:
             self.log(f"distributed: {self.dist.world_size} processes, {'FSDP2' if cfg.fsdp else 'DDP'}, "
-                     f"{self.accum} micro-steps each per optimizer step")
+                     f"{self.accum} micro-steps of {self.micro_batch} sequences each per optimizer step")
         amp = self.precision
         self.log(f"device {self.device}, precision {amp.compute_dtype if amp.amp else 'fp32'}"
                  f"{' autocast' if amp.amp else ''}, compile {'on' if self.compiled else 'off'}, "
@@ -512,7 +506,7 @@ class _Run:
         self.model.eval()
         started = time.perf_counter()
         totals = torch.zeros(2, device=device)  # loss sum, batch count: reduced over ranks together
-        for x, y in eval_batches(self.data.tokens("val"), cfg.context, cfg.batch_size, cfg.eval_batches,
+        for x, y in eval_batches(self.data.tokens("val"), cfg.context, self.micro_batch, cfg.eval_batches,
                                  rank=self.dist.rank, world_size=self.dist.world_size):
             with self.precision.autocast():
                 totals[0] += self.forward(_to_device(x, device), _to_device(y, device)).float()

@@ -101,3 +101,24 @@ def test_bf16_training_follows_the_fp32_loss_curve():
         curves[amp] = torch.tensor(curve)
     assert (curves[True] - curves[False]).abs().max() < 0.05
     assert curves[False][-1] < 0.5 * curves[False][0] and curves[True][-1] < 0.5 * curves[True][0]
+
+
+def test_chunk_count_is_bounded_for_compile():
+    """However large the batch (a big --batch_size auto), at most MAX_CHUNKS chunks: torch.compile
+    unrolls the loop, so its compile time follows the chunk count."""
+    vocab = 20032
+    for rows in (1024, 8 * 1024, 135 * 1024, 1_000_003):
+        size = loss_module.chunk_rows(vocab, "cuda", rows)
+        assert -(-rows // size) <= loss_module.MAX_CHUNKS
+        assert size == max(loss_module.chunk_rows(vocab, "cuda"), -(-rows // loss_module.MAX_CHUNKS))
+    assert loss_module.chunk_rows(4096, "cpu", 2048) == 256  # the tiny preset's step is unchanged
+
+
+def test_bounded_chunks_still_equal_cross_entropy(monkeypatch):
+    monkeypatch.setattr(loss_module, "MAX_CHUNKS", 3)  # 200 rows -> 3 chunks of 67, the last ragged
+    torch.manual_seed(0)
+    x = torch.randn(200, 32, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(300, 32, dtype=torch.float64) * 0.3).requires_grad_()
+    targets = torch.randint(0, 300, (200,))
+    torch.testing.assert_close(loss_module.linear_cross_entropy(x, weight, targets),
+                               reference(x, weight, targets, 0.0))

@@ -1,5 +1,7 @@
 """Runtime helpers that do not need a GPU to be tested."""
 
+import re
+
 import pytest
 import torch
 
@@ -124,3 +126,58 @@ def test_a_failed_compilation_falls_back_to_eager_once():
         torch.testing.assert_close(forward(idx), expected)
         torch.testing.assert_close(forward(idx), expected)
     assert len(lines) == 1 and "continuing eagerly" in lines[0] and "inductor cannot lower" in lines[0]
+
+
+@pytest.mark.parametrize("batch, accum, world, expected", [
+    (8, 1, 1, (8, 1)), (8, 1, 2, (4, 1)), (8, 8, 8, (8, 1)), (8, 8, 1, (8, 8)), (16, 4, 2, (16, 2)),
+    (4, 2, 2, (4, 1)), (6, 1, 4, None), (8, 3, 2, (6, 2))])
+def test_every_world_size_trains_on_the_same_global_batch(batch, accum, world, expected):
+    if expected is None:
+        with pytest.raises(L1Error, match="cannot be shared evenly by 4 processes"):
+            runtime.split_batch(batch, accum, world)
+        return
+    micro, steps = runtime.split_batch(batch, accum, world)
+    assert (micro, steps) == expected
+    assert micro * steps * world == batch * accum and micro <= batch
+
+
+@pytest.mark.parametrize("fits, wanted, expected", [(135, 64, (64, 1)), (27, 64, (16, 4)), (512, 8, (8, 1)),
+                                                    (1, 64, (1, 64)), (7, 48, (6, 8))])
+def test_auto_batch_keeps_the_presets_sequences_per_step(fits, wanted, expected):
+    assert runtime.fit_global_batch(fits, wanted) == expected
+
+
+def test_auto_batch_probe_uses_free_memory_and_drops_failed_gradients(monkeypatch):
+    """A fake GPU: 10 GiB total, of which 2 GiB are taken by another program (a display); each
+    sequence costs 1 GiB at peak. The probe must fit in the free 8 GiB, not the total."""
+    gib = 2 ** 30
+    peak = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * gib, 10 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: peak.update(bytes=0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak["bytes"])
+    model = _tiny_gpt()
+
+    def out_of_memory_in_backward(module, grad_input, grad_output):
+        if grad_output[0].shape[0] * gib > 9 * gib:  # the head's and later blocks' gradients exist by now
+            raise torch.cuda.OutOfMemoryError("fake")
+
+    model.blocks[0].register_full_backward_hook(out_of_memory_in_backward)
+    probe = runtime.probe_step(model, runtime.precision(torch.device("cpu"), False), 320, 8, torch.device("cpu"))
+
+    def step(batch):
+        probe(batch)
+        peak["bytes"] = batch * gib
+
+    fits = runtime.cuda_batch_fits(step, torch.device("cuda"), reserve_bytes=0, headroom=1.0)
+    assert runtime.largest_batch(fits, limit=64) == 8  # 8 GiB free, not the 10 total
+    assert not fits(12) and all(p.grad is None for p in model.parameters())
+
+
+def test_too_old_torch_is_refused_in_one_line():
+    runtime.check_torch_version(torch.__version__)  # the one installed here is new enough
+    runtime.check_torch_version("2.9.0+cu128")
+    for old in ("2.4.1", "2.8.0+cpu"):
+        with pytest.raises(L1Error, match=re.escape(f"L1 needs torch >= {runtime.MIN_TORCH}, found {old}:")):
+            runtime.check_torch_version(old)

@@ -269,3 +269,29 @@ def test_gradient_checkpointing_run_trains_like_the_plain_one(corpus, tmp_path):
         assert f"grad checkpointing {'on' if flag == '--grad_ckpt' else 'off'}" in (
             out / "run" / "training.log").read_text()
     assert losses["--grad_ckpt"] == pytest.approx(losses["--no-grad_ckpt"], rel=1e-5)
+
+
+def test_fp16_with_loss_scaling_trains_and_resumes(corpus, tmp_path, monkeypatch):
+    """The path of GPUs without native bf16 (fp16 autocast + GradScaler), run on the CPU: the
+    scaler is on, its state is checkpointed, the loss falls, and a stopped run resumes exactly."""
+    from l1 import runtime
+
+    monkeypatch.setattr(runtime, "precision", lambda device, amp=None: runtime.Precision(device.type, torch.float16))
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert train(tiny_args(corpus, straight, max_steps=8, log_every=1)) == 0
+    log = (straight / "run" / "training.log").read_text()
+    assert "precision torch.float16 autocast" in log
+    state = load_file(straight / "run" / "latest_checkpoint.pt")
+    assert state["scaler"]["scale"] > 0 and state["scaler"]["_growth_tracker"] >= 0
+    records = [json.loads(line) for line in (straight / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
+    original_step = trainer._Run._train_step
+    stop_during(monkeypatch, 4)
+    assert train(tiny_args(corpus, stopped, max_steps=8, log_every=1)) == 0
+    assert load_file(stopped / "run" / "latest_checkpoint.pt")["step"] == 4
+    monkeypatch.setattr(trainer._Run, "_train_step", original_step)
+    assert train(tiny_args(corpus, stopped, max_steps=8, log_every=1)) == 0
+    resumed = load_file(stopped / "run" / "latest_checkpoint.pt")
+    assert_bitwise_equal(state["model"], resumed["model"])
+    assert state["scaler"] == resumed["scaler"]
