@@ -50,6 +50,15 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 natively: CUDA without emulation, a CPU with oneDNN bf16 kernels."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
 def autocast(device: torch.device, enabled: bool):
     """The autocast context for this device, or a no-op when mixed precision is off."""
     if not enabled:
@@ -175,11 +184,13 @@ def compile_model(model: torch.nn.Module, log) -> "CompiledOrEager":
 
 
 class CompiledOrEager:
-    """Calls the compiled model until compilation fails, then the eager one, after one log line."""
+    """Calls the compiled model until compilation fails, then the eager one, after one log line.
 
-    def __init__(self, model: torch.nn.Module, log):
+    options: torch.compile's (e.g. mode="reduce-overhead" for CUDA graphs)."""
+
+    def __init__(self, model, log, **options):
         self.model = model
-        self.compiled = torch.compile(model) if torch._dynamo.is_dynamo_supported() else None
+        self.compiled = torch.compile(model, **options) if torch._dynamo.is_dynamo_supported() else None
         self.log = log
         if self.compiled is None:
             log("torch.compile is not supported on this platform; running eagerly")
