@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -312,6 +313,19 @@ class Decoder:
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
         return self.step(self.model, tokens, cache, positions, key_mask)
+
+
+def compile_decoder(lm: LoadedModel, log: Callable[[str], None] = print) -> None:
+    """Give lm a compiled decoding step, warmed up at batch 1 (the one-off compilation is logged
+    with its time); where the device cannot compile, say so and keep decoding eagerly."""
+    if lm.device.type == "cpu" and runtime.cpp_compiler() is None:
+        log("no C++ compiler for torch.compile's CPU kernels (install g++ or set CXX): decoding eagerly")
+        return
+    lm.decoder = Decoder(lm.model, compiled=True, log=log)
+    start = time.perf_counter()
+    generate_ids(lm.decoder, [[0]], SamplingConfig(temperature=0, max_tokens=2), vocab_size=lm.tokenizer.vocab_size,
+                 eot_id=None)
+    log(f"decoding step compiled and warmed up in {time.perf_counter() - start:.1f} s")
 
 
 def cache_slots(needed: int, block_size: int) -> int:
