@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = config.sampling_config_from_args(args)
+        if args.interactive and cfg.num_samples > 1:
+            raise L1Error("--interactive streams one continuation at a time: leave out --num_samples")
         prompts = [] if args.interactive else read_prompts(args)
         from l1 import runtime, sampler  # imported late: --help and bad values answer without loading torch
 

@@ -1,9 +1,10 @@
 """Load a trained run for inference and generate text with the model's KV cache.
 
-The prompt is processed once (prefill); each new token is then one forward pass of a single
-position through the cache, so the cost per token does not grow with the text already generated
-beyond attention itself. Several prompts decode together, left-padded, with a key mask and
-per-row positions. When the text outgrows the context, the newest half of the context is kept
+The prompt is processed once (prefill, the last position's logits only); each new token is then
+one static-shape step through the cache (its position and slot as tensors, attention over every
+slot with a mask), which Decoder can compile into one graph (CUDA graphs on a GPU). Weights can
+be int8 or bf16 for inference (prepare), read once per token: decoding is memory-bound.
+Several prompts decode together, left-padded, with a key mask and per-row positions. When the text outgrows the context, the newest half of the context is kept
 and re-prefilled into the same cache. A prompt longer than the context is refused rather than
 cut, since cutting would silently change what is continued. Text is decoded incrementally from the tokens' bytes, so
 streaming and stop strings cost the same for every token.

@@ -104,6 +104,8 @@ def test_stop_string(trained):
     (("--prompt", "x", "--top_p", "1.5"), "top_p"),
     (("--prompt", ""), "empty prompt"),
     (("--prompt", "fox " * 300), "longer than the model's context"),
+    (("--prompt", "x", "--dtype", "fp16"), "unknown --dtype 'fp16'"),
+    (("--interactive", "--num_samples", "2"), "one continuation at a time"),
 ])
 def test_bad_input_is_one_line_without_traceback(trained, args, message):
     if "--model_path" not in args:
