@@ -2,9 +2,12 @@
 
 Without --model_path it uses the best checkpoint of the most recently trained run under models/.
 Without --prompt it reads prompts from standard input, one per line, and generates them as a batch.
+With --interactive it loads the model once and continues each prompt typed, streamed: Ctrl-C
+stops the current continuation, Ctrl-D (or Ctrl-C at the prompt, exit code 130) leaves.
 """
 
 import argparse
+import math
 import sys
 
 from l1 import config
@@ -16,12 +19,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line: prompt, model and device, plus one flag per sampling config field."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--prompt", help="text to continue (default: read prompts from stdin, one per line)")
+    parser.add_argument("--interactive", action="store_true",
+                        help="a prompt loop: type a prompt, get its continuation; Ctrl-C stops one, Ctrl-D leaves")
     parser.add_argument("--model_path", help="a run folder or a checkpoint file (default: the newest run)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--dtype", default="auto",
+                        help="inference weights: auto, int8 (per-channel, weight-only), bf16 or fp32; auto: int8 on "
+                             "CPUs with native bf16, bf16 on GPUs, else fp32 (default: auto)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the decoding step (tens of seconds once; CUDA graphs on GPUs); "
+                             "default: on CUDA, and with --interactive on CPU")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="end a sample before this text (may be given several times)")
     config.add_sampling_flags(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.interactive and args.prompt is not None:
+        parser.error("--interactive reads its prompts as you type them: leave out --prompt")
+    return args
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -36,17 +50,48 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def interact(lm, cfg, stop: tuple[str, ...]) -> None:
+    """Continue each line typed until end of input; Ctrl-C stops the continuation under way."""
+    from l1 import sampler
+
+    if sys.stdin.isatty():
+        print("type a prompt and press Enter; Ctrl-C stops a continuation, Ctrl-D leaves", file=sys.stderr)
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()  # a Ctrl-C here leaves (KeyboardInterrupt: exit 130)
+        if not line:
+            return
+        if not line.strip():
+            continue
+        try:
+            sampler.generate(lm, [line.rstrip("\r\n")], cfg, stop,
+                             on_piece=lambda _, piece: print(piece, end="", flush=True))
+        except KeyboardInterrupt:
+            print("\n[stopped]", file=sys.stderr, flush=True)
+        except L1Error as exc:  # a prompt too long for the context: say so, ask for the next
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(flush=True)
+
+
 @entry_point
 def main(argv=None) -> int:
     """Load the model once, then continue each prompt (streamed when there is one text)."""
     args = parse_args(argv)
     cfg = config.sampling_config_from_args(args)
-    prompts = read_prompts(args)
-    from l1 import sampler  # imported late: --help and bad values answer without loading torch
+    if args.interactive and cfg.num_samples > 1:
+        raise L1Error("--interactive streams one continuation at a time: leave out --num_samples")
+    prompts = [] if args.interactive else read_prompts(args)
+    from l1 import runtime, sampler  # imported late: --help and bad values answer without loading torch
 
-    lm = sampler.load(args.model_path, args.device)
-    print(f"[{lm.path} | step {lm.step} | {lm.device}]", file=sys.stderr)
-    if len(prompts) * cfg.num_samples == 1:  # one text: stream it as it comes
+    lm = sampler.load(args.model_path, args.device, dtype=args.dtype)
+    print(f"[{lm.path} | step {lm.step} | {lm.device} | {lm.dtype}]", file=sys.stderr)
+    # Compiling pays for a session of many continuations, or on CUDA (graphs), not for one text on a CPU.
+    if runtime.use_compile(lm.device, args.compile, math.inf if args.interactive else 0.0):
+        sampler.compile_decoder(lm, log=lambda line: print(f"[{line}]", file=sys.stderr, flush=True))
+    if args.interactive:
+        interact(lm, cfg, tuple(args.stop))
+    elif len(prompts) * cfg.num_samples == 1:  # one text: stream it as it comes
         sampler.generate(lm, prompts, cfg, tuple(args.stop), echo=True,
                          on_piece=lambda _, piece: print(piece, end="", flush=True))
         print()

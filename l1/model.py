@@ -26,6 +26,12 @@ class KVCache:
 
     Slots [0, length) are filled. A forward pass with a cache writes its T new keys/values at
     [length, length + T) in every layer, then advances length by T.
+
+    Static decoding (what torch.compile and CUDA graphs need: the same shapes at every step):
+    while `slot` is set, a forward pass of one token writes its keys/values at that slot (a
+    one-element long tensor) and attends over all max_len slots, its key_mask (B, max_len)
+    saying which it may see; it reads and writes no Python number, so the caller advances
+    slot and length.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None):
@@ -33,13 +39,18 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+        self.slot: torch.Tensor | None = None
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys/values of one layer; return all keys/values so far."""
+        """Write this step's keys/values of one layer; return all keys/values so far (static: all slots)."""
+        if self.slot is not None:
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
@@ -223,30 +234,34 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None, z_loss: float = 0.0) -> torch.Tensor:
+                key_mask: torch.Tensor | None = None, z_loss: float = 0.0, last: bool = False) -> torch.Tensor:
         """Logits (B, T, padded_vocab) for idx (B, T), or the mean loss when targets are given.
 
         z_loss: with targets, add z_loss x mean(logsumexp(logits)^2) to the cross-entropy (PaLM).
 
-        cache: decode incrementally; the T new tokens occupy cache slots [length, length + T).
+        cache: decode incrementally; the T new tokens occupy cache slots [length, length + T)
+        (a static cache: see KVCache).
         positions: (B, T) RoPE positions (default: slot indices), for left-padded batches.
-        key_mask: (B, length + T) bool, False for padding slots that no query may attend to.
+        key_mask: (B, length + T) bool, False for padding slots that no query may attend to
+        (a static cache: (B, max_len)).
+        last: the logits of the last position only (B, 1, padded_vocab), all that decoding needs.
         """
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
+        static = cache is not None and cache.slot is not None
+        start = cache.length if cache is not None and not static else 0
         if positions is None:
             if start + T > self.cfg.block_size:
                 raise ValueError(f"{start + T} tokens exceed the context of {self.cfg.block_size}")
             cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, D) views
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D)
-        mask = self._attention_mask(T, start, key_mask, idx.device)
+        mask = key_mask[:, None, None, :] if static else self._attention_mask(T, start, key_mask, idx.device)
         x = self.embed(idx)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, cache, i)
-        if cache is not None:
+        if cache is not None and not static:
             cache.length += T
-        x = self.norm(x)
+        x = self.norm(x[:, -1:] if last else x)
         if targets is None:
             return self.lm_head(x)
         return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), z_loss)

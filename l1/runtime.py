@@ -402,26 +402,40 @@ def parallelize(model: torch.nn.Module, rt: "Runtime", *, grad_ckpt: bool, compi
         # Gradients as views into the all-reduce buckets: no copy in and out of them each step.
         outer = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                                         gradient_as_bucket_view=True)
-    return outer, (EagerFallback(outer, model, log) if compiled else outer)
+    if not compiled:
+        return outer, outer
+
+    def eager(*args, **kwargs):
+        model._compiled_call_impl = None  # undo nn.Module.compile(): run the plain forward from now on
+        return outer(*args, **kwargs)
+
+    return outer, CompiledOrEager(outer, eager, log)
 
 
-class EagerFallback:
-    """Calls a module whose model was compiled in place; if compilation fails, says so once and
-    runs the model eagerly from then on."""
+class CompiledOrEager:
+    """Calls `compiled` until compilation fails, then `eager` from then on, after one log line."""
 
-    def __init__(self, outer: torch.nn.Module, compiled_model: torch.nn.Module, log):
-        self.outer, self.compiled_model, self.log = outer, compiled_model, log
+    def __init__(self, compiled: Callable, eager: Callable, log):
+        self.compiled, self.eager, self.log = compiled, eager, log
 
     def __call__(self, *args, **kwargs):
-        try:
-            return self.outer(*args, **kwargs)
-        except torch._dynamo.exc.TorchDynamoException as exc:
-            if self.compiled_model._compiled_call_impl is None:
-                raise  # already eager: not a compilation failure
-            first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-            self.log(f"torch.compile failed ({type(exc).__name__}: {first_line}); continuing eagerly")
-            self.compiled_model._compiled_call_impl = None  # what nn.Module.compile() set: undo it
-            return self.outer(*args, **kwargs)
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as exc:
+                first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                self.log(f"torch.compile failed ({type(exc).__name__}: {first_line}); continuing eagerly")
+                self.compiled = None
+        return self.eager(*args, **kwargs)
+
+
+def compile_function(fn: Callable, log, **options) -> Callable:
+    """torch.compile a function (options: torch.compile's, e.g. mode="reduce-overhead" for CUDA
+    graphs) behind an eager fallback; fn itself, after one log line, where dynamo is unsupported."""
+    if not torch._dynamo.is_dynamo_supported():
+        log("torch.compile is not supported on this platform; running eagerly")
+        return fn
+    return CompiledOrEager(torch.compile(fn, **options), fn, log)
 
 
 def gradient_sync(model: torch.nn.Module, enabled: bool):

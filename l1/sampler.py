@@ -1,9 +1,10 @@
 """Load a trained run for inference and generate text with the model's KV cache.
 
-The prompt is processed once (prefill); each new token is then one forward pass of a single
-position through the cache, so the cost per token does not grow with the text already generated
-beyond attention itself. Several prompts decode together, left-padded, with a key mask and
-per-row positions. When the text outgrows the context, the newest half of the context is kept
+The prompt is processed once (prefill, the last position's logits only); each new token is then
+one static-shape step through the cache (its position and slot as tensors, attention over every
+slot with a mask), which Decoder can compile into one graph (CUDA graphs on a GPU). Weights can
+be int8 or bf16 for inference (prepare), read once per token: decoding is memory-bound.
+Several prompts decode together, left-padded, with a key mask and per-row positions. When the text outgrows the context, the newest half of the context is kept
 and re-prefilled into the same cache. A prompt longer than the context is refused rather than
 cut, since cutting would silently change what is continued. Text is decoded incrementally from the tokens' bytes, so
 streaming and stop strings cost the same for every token.
@@ -13,11 +14,14 @@ from __future__ import annotations
 
 import codecs
 import functools
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from l1 import checkpoint, runtime
 from l1.config import ModelConfig, SamplingConfig
@@ -38,6 +42,8 @@ class LoadedModel:
     path: Path
     step: int
     device: torch.device
+    dtype: str = "fp32"  # the weights: fp32, bf16 or int8 (see prepare)
+    decoder: Decoder | None = None  # the decoding step (default: eager); see compile_decoder
 
     @property
     def cfg(self) -> ModelConfig:
@@ -49,28 +55,80 @@ class LoadedModel:
         return tokens_as_bytes(self.tokenizer)
 
 
-def load(model_path: str | None = None, device: str = "auto", models_root: Path = Path("models")) -> LoadedModel:
-    """Load a run for sampling (see checkpoint.load_run) onto the device."""
-    rt = runtime.setup(device)  # a bad --device fails before the checkpoint is read
+def load(model_path: str | None = None, device: str = "auto", models_root: Path = Path("models"),
+         dtype: str = "auto") -> LoadedModel:
+    """Load a run for sampling (see checkpoint.load_run) onto the device.
+
+    dtype: the weights for inference (see prepare); the checkpoint itself is never changed.
+    """
+    rt = runtime.setup(device)  # a bad --device or --dtype fails before the checkpoint is read
+    chosen = pick_dtype(rt.device, dtype)
     run = checkpoint.load_run(model_path, models_root)
-    return LoadedModel(prepare(run.model(), rt.device), run.tokenizer, run.path, run.step, rt.device)
+    return LoadedModel(prepare(run.model(), rt.device, chosen), run.tokenizer, run.path, run.step, rt.device, chosen)
 
 
-def prepare(model: GPT, device: torch.device) -> GPT:
-    """The model in eval mode on the device: bf16 weights on CUDA where supported, else fp32.
+DTYPES = ("auto", "fp32", "bf16", "int8")
 
-    On CPU the matmul weights are also stored column-major (same values, transposed strides):
+
+def pick_dtype(device: torch.device, requested: str = "auto") -> str:
+    """The inference weights: `requested`, or for auto what measured fastest on this kind of
+    device within 1% of fp32's bits per byte (BENCHMARKS.md, "Decoding"): int8 on a CPU with
+    native bf16 (its int8 kernel runs bf16 activations), bf16 on a GPU with native bf16, else fp32."""
+    if requested not in DTYPES:
+        raise L1Error(f"unknown --dtype {requested!r}; use one of {', '.join(DTYPES)}")
+    if requested != "auto":
+        return requested
+    if not runtime.native_bf16(device):
+        return "fp32"
+    return "int8" if device.type == "cpu" else "bf16"
+
+
+def prepare(model: GPT, device: torch.device, dtype: str = "fp32") -> GPT:
+    """The model in eval mode on the device with its weights in dtype (fp32, bf16 or int8).
+
+    int8: every matmul weight (the tied head as its own copy) becomes Int8Linear, the rest of
+    the model and the activations bf16 where the device computes it natively, else fp32.
+    On CPU float matmul weights are stored column-major (same values, transposed strides):
     a single decoding row then multiplies through MKL's streaming gemv variant, measured ~30%
     faster at batch 1 than the row-major dot-product one, and no different for larger batches.
     """
-    dtype = torch.bfloat16 if device.type == "cuda" and runtime.native_bf16(device) else torch.float32
-    model = model.to(device=device, dtype=dtype).eval()
-    if device.type == "cpu":
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, torch.nn.Linear):
-                    module.weight.data = module.weight.data.t().contiguous().t()
-    return model
+    if dtype == "int8":
+        activations = torch.bfloat16 if runtime.native_bf16(device) else torch.float32
+    else:
+        activations = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model = model.to(device=device).eval()
+    with torch.no_grad():
+        for parent in list(model.modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Linear) and dtype == "int8":  # the embedding keeps its float table
+                    setattr(parent, name, Int8Linear(child.weight, activations))
+                elif isinstance(child, nn.Linear) and device.type == "cpu":
+                    child.weight.data = child.weight.data.t().contiguous().t()
+    return model.to(dtype=activations)
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer with int8 weights and one symmetric scale per output channel.
+
+    Weight-only quantization: activations stay in `dtype`, so each token reads a quarter of the
+    fp32 weight bytes. The matmul is torch's int8 weight-pack kernel where the device has one
+    (CPU), else the dequantizing matmul that torch.compile fuses (gpt-fast's).
+    """
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale.to(dtype))
+        self.packed = torch._C._dispatch_has_kernel_for_dispatch_key(
+            "aten::_weight_int8pack_mm", torch._C._dispatch_key_for_device(weight.device.type))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            flat = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
+            return flat.view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale
 
 
 # ---- logits processing: small pure functions ---------------------------------------------------
@@ -200,19 +258,78 @@ class Detokenizer:
 
 # ---- decoding -----------------------------------------------------------------------------------
 
-class _Window:
-    """The rows' token histories and a KV cache over the newest of them (left-padded to one width)."""
+def _decode(model: GPT, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
+            key_mask: torch.Tensor) -> torch.Tensor:
+    """One static decoding step (see KVCache): the next logits (B, V) of tokens (B, 1)."""
+    return model(tokens, cache=cache, positions=positions, key_mask=key_mask)[:, -1]
 
-    def __init__(self, model: GPT, rows: list[list[int]], max_new: int):
-        self.model, self.rows = model, rows
-        self.block = model.cfg.block_size
-        param = next(model.parameters())
+
+class Decoder:
+    """A model's static decoding step, eager or compiled.
+
+    Compiled, the step is traced once per batch size with the cache length left dynamic, so a
+    longer text needs no new compilation; on CUDA with CUDA graphs ("reduce-overhead"), whose
+    caches stay at fixed addresses. Where compilation fails, one line is logged and the step
+    runs eagerly (runtime.compile_function).
+    """
+
+    def __init__(self, model: GPT, compiled: bool = False, log: Callable[[str], None] = print):
+        self.model = model
+        self.compiled = compiled
+        if compiled:
+            cuda = model.norm.weight.device.type == "cuda"
+            self.step = runtime.compile_function(_decode, log, dynamic=True, mode="reduce-overhead" if cuda else None)
+        else:
+            self.step = _decode
+
+    def cache(self, rows: int, slots: int) -> KVCache:
+        """An empty KV cache in the model's activation dtype."""
+        norm = self.model.norm.weight
+        cache = KVCache(self.model.cfg, rows, slots, device=norm.device, dtype=norm.dtype)
+        if self.compiled:  # CUDA graphs write it in place rather than through a copy
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
+        return cache
+
+    def __call__(self, tokens, cache, positions, key_mask) -> torch.Tensor:
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+        return self.step(self.model, tokens, cache, positions, key_mask)
+
+
+def compile_decoder(lm: LoadedModel, log: Callable[[str], None] = print) -> None:
+    """Give lm a compiled decoding step, warmed up at batch 1 (the one-off compilation is logged
+    with its time); where the device cannot compile, say so and keep decoding eagerly."""
+    if lm.device.type == "cpu" and runtime.cpp_compiler() is None:
+        log("no C++ compiler for torch.compile's CPU kernels (install g++ or set CXX): decoding eagerly")
+        return
+    lm.decoder = Decoder(lm.model, compiled=True, log=log)
+    start = time.perf_counter()
+    generate_ids(lm.decoder, [[0]], SamplingConfig(temperature=0, max_tokens=2), vocab_size=lm.tokenizer.vocab_size,
+                 eot_id=None)
+    log(f"decoding step compiled and warmed up in {time.perf_counter() - start:.1f} s")
+
+
+def cache_slots(needed: int, block_size: int) -> int:
+    """KV cache length for a generation of `needed` tokens: the next power of two (at least 64),
+    at most the context. Attention reads every slot, so it should not be much longer than the
+    text; and few distinct lengths keep CUDA graphs few."""
+    return min(block_size, max(64, 1 << (needed - 1).bit_length()))
+
+
+class _ContextWindow:
+    """The rows' token histories and a static KV cache over the newest of them (left-padded to one width)."""
+
+    def __init__(self, decoder: Decoder, rows: list[list[int]], max_new: int):
+        self.model, self.decoder, self.rows = decoder.model, decoder, rows
+        self.block = self.model.cfg.block_size
         width = max(len(r) for r in rows)
         # Only as many slots as this generation can fill; a slide needs the whole context.
-        length = min(self.block, width + max_new)
-        self.cache = KVCache(model.cfg, len(rows), length, device=param.device, dtype=param.dtype)
-        self.key_mask: torch.Tensor | None = None  # (B, cache slots), None when no row is padded
-        self.positions: torch.Tensor | None = None  # (B, 1): each row's position of the next token
+        self.cache = decoder.cache(len(rows), cache_slots(width + max_new, self.block))
+        device = self.cache.k.device
+        self.key_mask = torch.zeros((len(rows), self.cache.max_len), dtype=torch.bool, device=device)
+        self.positions = torch.zeros((len(rows), 1), dtype=torch.long, device=device)  # of the next token
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # its cache slot, = cache.length
 
     def prefill(self, keep: int) -> torch.Tensor:
         """Run each row's last `keep` tokens through the emptied cache; the last position's logits."""
@@ -225,44 +342,48 @@ class _Window:
             ids[i, width - len(tail):] = torch.tensor(tail)
             real[i, width - len(tail):] = True
         ids, real = ids.to(device), real.to(device)
-        self.cache.length = 0  # reuse the buffers: stale slots past length are never read
-        if real.all():
-            self.key_mask = self.positions = None
-            return self.model(ids, cache=self.cache)[:, -1]
-        # Built once per prefill: later tokens are real in every row, so decoding only slices it.
-        self.key_mask = torch.ones((len(tails), self.cache.max_len), dtype=torch.bool, device=device)
-        self.key_mask[:, :width] = real
+        self.cache.slot, self.cache.length = None, 0  # reuse the buffers: stale slots are masked out
         positions = (real.cumsum(1) - 1).clamp(min=0)
-        logits = self.model(ids, cache=self.cache, positions=positions, key_mask=real)[:, -1]
-        self.positions = positions[:, -1:] + 1
+        if real.all():
+            logits = self.model(ids, cache=self.cache, last=True)[:, -1]
+        else:
+            logits = self.model(ids, cache=self.cache, positions=positions, key_mask=real, last=True)[:, -1]
+        self.key_mask.zero_()
+        self.key_mask[:, :width] = real
+        self.positions.copy_(positions[:, -1:] + 1)
+        self.slot.fill_(width)
+        self.cache.slot = self.slot
         return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row through the cache; a full context first slides to its newest half."""
         if self.cache.length == self.block:
             return self.prefill(self.block // 2)
-        if self.key_mask is None:
-            return self.model(tokens[:, None], cache=self.cache)[:, -1]
-        key_mask = self.key_mask[:, :self.cache.length + 1]
-        logits = self.model(tokens[:, None], cache=self.cache, positions=self.positions, key_mask=key_mask)[:, -1]
+        self.key_mask[:, self.cache.length] = True
+        logits = self.decoder(tokens[:, None], self.cache, self.positions, self.key_mask)
+        self.cache.length += 1
+        self.slot += 1
         self.positions += 1
         return logits
 
 
 @torch.inference_mode()
-def generate_ids(model: GPT, prompts: list[list[int]], cfg: SamplingConfig, *, vocab_size: int,
+def generate_ids(model: GPT | Decoder, prompts: list[list[int]], cfg: SamplingConfig, *, vocab_size: int,
                  eot_id: int | None, generator: torch.Generator | None = None,
                  on_token: Callable[[int, int], bool] | None = None) -> list[list[int]]:
     """Token-level decoding of a batch of non-empty prompts: the new ids of each row.
 
-    A prompt longer than the context is read from its newest block_size tokens. A row ends at
-    eot_id (not included; None: never), after cfg.max_tokens, or when on_token(row, token) is true.
+    model: a model (decoded eagerly) or its Decoder. A prompt longer than the context is read
+    from its newest block_size tokens. A row ends at eot_id (not included; None: never), after
+    cfg.max_tokens, or when on_token(row, token) is true.
     generator: the random stream (default: seeded by cfg.seed).
     """
-    device = next(model.parameters()).device
+    decoder = model if isinstance(model, Decoder) else Decoder(model)
+    model = decoder.model
+    device = model.norm.weight.device
     if generator is None:
         generator = torch.Generator(device).manual_seed(cfg.seed)
-    window = _Window(model, [list(p) for p in prompts], cfg.max_tokens)
+    window = _ContextWindow(decoder, [list(p) for p in prompts], cfg.max_tokens)
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     seen = _seen(prompts, model.cfg.padded_vocab_size, device) if cfg.repetition_penalty != 1.0 else None
@@ -344,7 +465,7 @@ def generate(lm: LoadedModel, prompts: list[str], cfg: SamplingConfig, stop: tup
 
     for first in range(0, len(rows), ROWS_PER_BATCH):
         chunk = rows[first:first + ROWS_PER_BATCH]
-        generate_ids(lm.model, chunk, cfg, vocab_size=lm.tokenizer.vocab_size, eot_id=lm.tokenizer.eot_id,
+        generate_ids(lm.decoder or lm.model, chunk, cfg, vocab_size=lm.tokenizer.vocab_size, eot_id=lm.tokenizer.eot_id,
                      generator=generator, on_token=functools.partial(on_token, first))
         for row in range(first, first + len(chunk)):
             emit(row, streams[row].finish())

@@ -104,6 +104,8 @@ def test_stop_string(trained):
     (("--prompt", "x", "--top_p", "1.5"), "top_p"),
     (("--prompt", ""), "empty prompt"),
     (("--prompt", "fox " * 300), "longer than the model's context"),
+    (("--prompt", "x", "--dtype", "fp16"), "unknown --dtype 'fp16'"),
+    (("--interactive", "--num_samples", "2"), "one continuation at a time"),
 ])
 def test_bad_input_is_one_line_without_traceback(trained, args, message):
     if "--model_path" not in args:
@@ -131,3 +133,72 @@ def test_misspelled_or_abbreviated_flags_are_usage_errors():
     for args in (("--max", "5", "--prompt", "x"), ("--max_tokens", "five")):
         result = generate(*args)
         assert result.returncode == 2 and "usage:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_interactive_loads_once_compiles_and_continues_each_prompt(trained):
+    one_shot = [generate("--model_path", trained, "--prompt", p, "--temperature", "0", "--max_tokens", "8")
+                for p in ("the quick brown", "over the lazy")]
+    # No --compile flag: the interactive default on a CPU with a C++ compiler is the compiled step.
+    result = generate("--model_path", trained, "--interactive", "--temperature", "0", "--max_tokens", "8",
+                      input="the quick brown\n\nover the lazy\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("best_checkpoint.pt") == 1 and "compiled and warmed up" in result.stderr
+    # Each continuation on its own line, the prompt not repeated: the compiled step's greedy text
+    # equals the eager one-shot run's.
+    assert result.stdout.splitlines() == [r.stdout.rstrip("\n")[len(p):] for r, p in
+                                          zip(one_shot, ("the quick brown", "over the lazy"))]
+    assert result.stdout.startswith(" fox jumps")
+
+
+class _Reader:
+    """Collects a pipe's text in a background thread, so a test can wait for what it expects."""
+
+    def __init__(self, pipe):
+        import threading
+
+        self.text, self._pipe = "", pipe
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        for chunk in iter(lambda: self._pipe.read1(256), b""):
+            self.text += chunk.decode("utf-8", "replace")
+
+    def wait_for(self, predicate, timeout: float = 120.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not predicate(self.text):
+            assert time.monotonic() < deadline, f"timed out; got {self.text[-500:]!r}"
+            time.sleep(0.05)
+
+
+def test_interactive_ctrl_c_stops_one_continuation_then_leaves_at_the_prompt(trained):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, str(REPO / "generate_simple.py"), "--model_path", str(trained),
+                             "--interactive", "--no-compile", "--temperature", "0", "--max_tokens", "100000"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    out, err = _Reader(proc.stdout), _Reader(proc.stderr)
+    try:
+        for prompt, expected in (("the quick brown", "fox jumps"), ("over the lazy", "dog and runs")):
+            start = len(out.text)
+            proc.stdin.write(f"{prompt}\n".encode())
+            proc.stdin.flush()
+            # 100000 tokens would take minutes: stop this one once it has streamed a few sentences.
+            out.wait_for(lambda text: text[start:].count(".") >= 3)
+            stopped = err.text.count("[stopped]")
+            proc.send_signal(signal.SIGINT)
+            err.wait_for(lambda text: text.count("[stopped]") == stopped + 1)
+            assert proc.poll() is None and out.text[start:].lstrip().startswith(expected)
+        proc.send_signal(signal.SIGINT)  # at the prompt: leave
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "Traceback" not in err.text
