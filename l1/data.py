@@ -50,7 +50,7 @@ import torch
 
 from l1.config import DataConfig
 from l1.errors import L1Error
-from l1.tokenizer import Background, Tokenizer
+from l1.tokenizer import Tokenizer
 
 FORMAT_VERSION = 3
 HUB_HOST = "huggingface.co"
@@ -106,6 +106,39 @@ class Tokens:
             parts.append(self._maps[shard][start - offset:end - offset])
             start = end
         return parts[0] if len(parts) == 1 else np.concatenate(parts or [np.empty(0, self.dtype)])
+
+
+class Background:
+    """fn(*args) in a thread. result() waits in slices of 0.1 s, so that Ctrl-C is seen at once even
+    while fn runs in Rust; then it still waits for fn (one encode batch, about a second) before
+    raising, because a thread that returns from Rust while the interpreter exits aborts the exit."""
+
+    def __init__(self, fn, *args):
+        self._value = self._error = None
+        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, *args):
+        try:
+            self._value = fn(*args)
+        except BaseException as exc:  # handed to the waiting thread by result()
+            self._error = exc
+
+    def join(self) -> None:
+        """Wait for fn to end (a second Ctrl-C leaves at once)."""
+        self._thread.join()
+
+    def result(self):
+        """fn's return value, or its exception raised here."""
+        try:
+            while self._thread.is_alive():
+                self._thread.join(0.1)
+        except KeyboardInterrupt:
+            self.join()
+            raise
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 # ---- sources ------------------------------------------------------------------------------------
@@ -297,13 +330,16 @@ def _encoded(tokenizer: Tokenizer, batches: Iterator[Batch]) -> Iterator[tuple[B
     released), the next is read from the source, then encoded while the caller writes this one."""
     batch = next(batches, None)
     pending = Background(tokenizer.encode_documents, batch.docs) if batch else None
-    while batch is not None:
-        following = next(batches, None)
-        ids = pending.result()
-        if following is not None:
-            pending = Background(tokenizer.encode_documents, following.docs)
-        yield batch, ids
-        batch = following
+    try:
+        while batch is not None:
+            following = next(batches, None)
+            ids = pending.result()
+            pending = Background(tokenizer.encode_documents, following.docs) if following else None
+            yield batch, ids
+            batch = following
+    finally:  # the caller failed or stopped: no thread may be left inside Rust when the process exits
+        if pending is not None:
+            pending.join()
 
 
 # ---- shards -------------------------------------------------------------------------------------

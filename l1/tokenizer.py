@@ -4,18 +4,20 @@ Saved as a standard tokenizer.json (loads with tokenizers.Tokenizer.from_file an
 PreTrainedTokenizerFast). Its fingerprint, a hash of that file's content, identifies it in
 prepared corpora and checkpoints.
 
-The long calls into Rust (training, encoding a batch) run in a worker thread while the main thread
-waits in short slices: Python delivers Ctrl-C (KeyboardInterrupt) to the main thread only between
-bytecodes, so waiting inside one long Rust call would ignore it until the call returns.
+Training runs in a child process: the Rust trainer is one call of minutes that Python cannot
+interrupt (Ctrl-C is seen only between bytecodes, and a thread left inside it aborts the interpreter's
+exit), while a process can be killed at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import threading
+import signal
+import subprocess
+import sys
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
@@ -33,30 +35,6 @@ TRAIN_RUN_CHARS = 128
 def fingerprint_of(content: str) -> str:
     """Short content hash of a serialized tokenizer."""
     return hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
-
-
-class Background:
-    """fn(*args) in a daemon thread; result() waits for it in slices of 0.1 s, so that Ctrl-C stops
-    the wait at once (the abandoned daemon thread ends with the process)."""
-
-    def __init__(self, fn: Callable, *args):
-        self._value = self._error = None
-        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn, *args):
-        try:
-            self._value = fn(*args)
-        except BaseException as exc:  # handed to the waiting thread by result()
-            self._error = exc
-
-    def result(self):
-        """fn's return value, or its exception raised here."""
-        while self._thread.is_alive():
-            self._thread.join(0.1)
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 def training_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -81,18 +59,32 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
-        """Learn merges from an iterable of documents, read lazily (runs on all cores in Rust)."""
+        """Learn merges from an iterable of documents, read lazily and streamed to a child process that
+        trains on all cores in Rust; Ctrl-C (KeyboardInterrupt here) kills it at once."""
         if vocab_size < MIN_VOCAB:
             raise L1Error(f"vocab_size must be at least {MIN_VOCAB} for a byte-level BPE "
                           f"(256 bytes + end-of-text), got {vocab_size}")
-        hf = HFTokenizer(models.BPE())
-        hf.pre_tokenizer = training_pre_tokenizer()
-        hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        Background(hf.train_from_iterator, texts, trainer).result()
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        return cls(hf)
+        package_root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        child = subprocess.Popen([sys.executable, "-c", "from l1.tokenizer import _train_child; _train_child()",
+                                  str(vocab_size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        try:
+            try:
+                for text in texts:
+                    data = text.encode("utf-8", "surrogatepass")
+                    child.stdin.write(len(data).to_bytes(8, "little") + data)
+                child.stdin.close()
+            except BrokenPipeError:  # the child failed; its exit code says so below
+                pass
+            content = child.stdout.read().decode("utf-8")
+            if child.wait() != 0:
+                raise L1Error(f"tokenizer training failed (its process exited with code {child.returncode})")
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            child.stdout.close()
+        return cls(HFTokenizer.from_str(content), content)
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
@@ -134,3 +126,23 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=False)
+
+
+def _train_child() -> None:
+    """Tokenizer.train's child process: length-prefixed UTF-8 documents on stdin, the trained
+    tokenizer.json on stdout; the vocabulary size is its argument."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it kills this process
+    stdin = sys.stdin.buffer
+
+    def texts():
+        while header := stdin.read(8):
+            yield stdin.read(int.from_bytes(header, "little")).decode("utf-8", "surrogatepass")
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = training_pre_tokenizer()
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=int(sys.argv[1]), special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(texts(), trainer=trainer)
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    sys.stdout.write(hf.to_str())
