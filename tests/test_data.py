@@ -346,7 +346,7 @@ def test_a_preparation_stopped_after_some_shards_continues_to_the_same_bytes(tmp
 
 
 def test_sigkill_at_a_random_instant_then_the_same_command(tmp_path, small_batches):
-    docs = make_documents(2000)
+    docs = make_documents(1200)
     write_parquet(tmp_path / "src" / "a.parquet", docs)
     settings = {"data": str(tmp_path / "src"), "data_dir": str(tmp_path / "data"), "shard_tokens": 2000}
     started = time.perf_counter()
@@ -458,7 +458,7 @@ def test_ctrl_c_stops_tokenization_within_one_batch_and_the_next_run_continues(t
 
 
 def test_two_processes_preparing_one_corpus_take_turns(tmp_path):
-    write_parquet(tmp_path / "a.parquet", make_documents(1500))
+    write_parquet(tmp_path / "a.parquet", make_documents(800))
     settings = {"data": str(tmp_path / "a.parquet"), "data_dir": str(tmp_path / "data"), "shard_tokens": 5000}
     procs = [child(**settings) for _ in range(2)]
     outs = [p.communicate()[0] for p in procs]
