@@ -1,26 +1,43 @@
-"""Corpus preparation speed against raw `tokenizers`, and the data loader's share of a step.
+"""Corpus preparation at growing sizes: peak memory, speed against raw `tokenizers`, a killed
+preparation resumed, and the data loader's share of a training step.
 
-    python -m bench.data [--source ../shared/data/wikipedia-sample] [--max_docs 5000] [--repeats 3]
+    python -m bench.data                                  # 100, 500 and 2000 MB corpora (the lead's run)
+    python -m bench.data --sizes_mb 5 10 --kill_mb 10     # smoke run: seconds
 
-`prepare` (read the source, split, tokenize, write the token files) runs with an already trained
-tokenizer, so it is compared like with like against `tokenizers`' own encode_batch (and its
-encode_batch_fast, which skips offsets) on the same documents; tokenizer training is timed once and
-reported apart. The loader's share: BatchIterator.next() for the tiny preset's batch (16 x 256)
-against a forward + backward of the tiny preset's GPT. Prints one JSON object per measurement.
+Each corpus is the shared Wikipedia sample repeated (each copy's documents get new ids) up to the
+size, written as parquet into a temporary folder that is deleted at the end. Each preparation runs
+in its own process, as `train_gpu_compatible.py` would run it (tokenizer trained on the default
+sample, then streamed tokenization into shards), and its peak RSS is that process's (and its
+tokenizer-training child's) from wait4. Its tokenization speed (read, encode, write) is compared
+with raw `encode_batch` (and `encode_batch_fast`, which skips offsets) of the same tokenizer on the
+same documents, in the same batches, timing the encode calls only. Then the --kill_mb preparation
+is run again into a fresh folder, SIGKILLed at a random instant, and run once more: its shards must
+equal the uninterrupted preparation's and decode to the source documents exactly. Last, the
+loader's share: BatchIterator.next() over the shards at the tiny preset's batch (16 x 256) against
+a forward + backward of the tiny preset's GPT. Prints one JSON object per measurement.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
+import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from bench.common import emit, interleaved, machine
 from l1.config import DataConfig, resolve
-from l1.data import ENCODE_BATCH, BatchIterator, prepare, read_documents
+from l1.data import BatchIterator, PreparedData, batched, documents, prepare, split_mask
 from l1.model import GPT
 from l1.tokenizer import Tokenizer
 
@@ -30,11 +47,22 @@ REPO = Path(__file__).resolve().parents[1]
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default="../shared/data/wikipedia-sample",
-                        help="a relative path is taken from the repository root")
-    parser.add_argument("--max_docs", type=int, default=5000, help="first N documents (0 = all)")
+                        help="a folder of parquet files; a relative path is taken from the repository root")
+    parser.add_argument("--sizes_mb", type=float, nargs="+", default=[100, 500, 2000], help="corpus sizes (MB of text)")
+    parser.add_argument("--kill_mb", type=float, default=500, help="the size whose preparation is killed and resumed")
     parser.add_argument("--vocab_size", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shard_tokens", type=int, default=DataConfig.shard_tokens,
+                        help="tokens per shard (smaller: more resume points in a small corpus)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the loader-share timing")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one preparation, its settings as JSON
     args = parser.parse_args(argv)
+    if args.child:
+        settings = json.loads(args.child)
+        vocab_size = settings.pop("vocab_size")
+        prepare(DataConfig(**settings), vocab_size, seed=0, log=lambda line: print(line, file=sys.stderr, flush=True))
+        return
+    if args.kill_mb not in args.sizes_mb:
+        parser.error("--kill_mb must be one of --sizes_mb (its uninterrupted preparation is the reference)")
     work = Path(tempfile.mkdtemp(prefix="l1-bench-data-"))
     try:
         run(args, work)
@@ -42,42 +70,121 @@ def main(argv=None) -> None:
         shutil.rmtree(work)
 
 
-def run(args, work: Path) -> None:
-    cfg = DataConfig(data=str(REPO / args.source), data_dir=str(work / "data"), max_docs=args.max_docs)
-    docs = read_documents(cfg, work / "cache", log=lambda line: None)
-    megabytes = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+def make_corpus(source: Path, folder: Path, megabytes: float) -> int:
+    """Parquet files of the source's documents, repeated with distinct ids up to `megabytes` of text;
+    returns the bytes of text written."""
+    folder.mkdir(parents=True)
+    files = sorted(source.glob("*.parquet"))
+    if not files:
+        raise SystemExit(f"{source} holds no parquet files")
+    budget, written, copy = int(megabytes * 1e6), 0, 0
+    while written < budget:
+        for file in files:
+            table = pq.read_table(file, columns=["id", "text"])
+            sizes = np.cumsum([len(t.encode("utf-8")) for t in table.column("text").to_pylist()])
+            rows = int(np.searchsorted(sizes, budget - written)) + 1
+            table = table.slice(0, min(rows, len(table)))
+            table = table.set_column(0, "id", pa.array([f"{copy}-{i}" for i in table.column("id").to_pylist()]))
+            pq.write_table(table, folder / f"part-{copy:04d}-{file.stem}.parquet")
+            written += int(sizes[min(rows, len(sizes)) - 1])
+            if written >= budget:
+                break
+        copy += 1
+    return written
 
+
+def settings_for(args, corpus: Path, data_dir: Path) -> dict:
+    return {"data": str(corpus), "data_dir": str(data_dir), "shard_tokens": args.shard_tokens,
+            "vocab_size": args.vocab_size}
+
+
+def prepare_in_child(settings: dict, kill_after: float | None = None) -> tuple[float, int, int]:
+    """(seconds, peak RSS in bytes, exit status) of one preparation in its own process."""
     started = time.perf_counter()
-    tokenizer = Tokenizer.train(docs, args.vocab_size)
-    emit(kind="setup", **machine(), source=args.source, documents=len(docs), text_mb=round(megabytes, 2),
-         vocab_size=args.vocab_size, tokenizer_training_s=round(time.perf_counter() - started, 2))
-    tokenizer.save(work / "tokenizer.json")
-    cfg = dataclasses.replace(cfg, tokenizer=str(work / "tokenizer.json"))
-    prepared = []
+    proc = subprocess.Popen([sys.executable, "-m", "bench.data", "--child", json.dumps(settings)], cwd=REPO,
+                            stderr=subprocess.DEVNULL)
+    if kill_after is not None:
+        time.sleep(kill_after)
+        os.kill(proc.pid, signal.SIGKILL)  # not Popen's send_signal, which may reap the child first
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - started, usage.ru_maxrss * 1024, proc.returncode
 
-    def raw(method):
-        def run():
-            encode = getattr(tokenizer.hf, method)
-            for start in range(0, len(docs), ENCODE_BATCH):
-                [e.ids for e in encode(docs[start:start + ENCODE_BATCH])]
-        return run
 
-    def l1_prepare():
-        fresh = dataclasses.replace(cfg, data_dir=str(work / f"data{len(prepared)}"))  # a build, not a reuse
-        prepared.append(prepare(fresh, args.vocab_size, seed=0, log=lambda line: None))
+def raw_encode(tokenizer: Tokenizer, cfg: DataConfig, work: Path) -> dict:
+    """MB/s of the tokenizer's own encode_batch and encode_batch_fast on the corpus, in the preparation's
+    batches, counting only the time inside the encode calls."""
+    seconds = {"encode_batch": 0.0, "encode_batch_fast": 0.0}
+    text_bytes = 0
+    for batch in batched(documents(cfg, work / "cache", log=lambda line: None)):
+        text_bytes += sum(len(d.encode("utf-8")) for d in batch)
+        for method in seconds:
+            started = time.perf_counter()
+            [e.ids for e in getattr(tokenizer.hf, method)(batch)]
+            seconds[method] += time.perf_counter() - started
+    return {f"raw_{method}_mb_per_s": round(text_bytes / 1e6 / s, 3) for method, s in seconds.items()}
 
-    seconds = interleaved({"encode_batch": raw("encode_batch"), "encode_batch_fast": raw("encode_batch_fast"),
-                           "prepare": l1_prepare}, args.repeats)
-    tokenize_mb_per_s = sorted(p.meta["tokenize_mb_per_s"] for p in prepared)[len(prepared) // 2]
-    emit(kind="prepare", repeats=args.repeats,
-         raw_encode_batch_mb_per_s=round(megabytes / seconds["encode_batch"], 3),
-         raw_encode_batch_fast_mb_per_s=round(megabytes / seconds["encode_batch_fast"], 3),
-         prepare_mb_per_s=round(megabytes / seconds["prepare"], 3),
-         prepare_tokenize_only_mb_per_s=round(tokenize_mb_per_s, 3),
-         ratio_prepare_vs_encode_batch=round(seconds["encode_batch"] / seconds["prepare"], 3),
-         ratio_prepare_vs_encode_batch_fast=round(seconds["encode_batch_fast"] / seconds["prepare"], 3),
-         bytes_per_token=round(prepared[0].bytes_per_token("train"), 3))
-    loader_share(prepared[0].tokens("train"), args.repeats)
+
+def opened(settings: dict) -> PreparedData:
+    """The finished preparation of these settings (a reuse: nothing is prepared here)."""
+    settings = dict(settings)
+    vocab_size = settings.pop("vocab_size")
+    return prepare(DataConfig(**settings), vocab_size, seed=0, log=lambda line: None)
+
+
+def run(args, work: Path) -> None:
+    source = (REPO / args.source).resolve()
+    emit(kind="setup", **machine(), source=args.source, sizes_mb=args.sizes_mb, vocab_size=args.vocab_size,
+         shard_tokens=args.shard_tokens, cpus=os.cpu_count())
+    prepared = {}
+    for megabytes in args.sizes_mb:
+        corpus = work / f"corpus-{megabytes:g}"
+        text_bytes = make_corpus(source, corpus, megabytes)
+        settings = settings_for(args, corpus, work / "data")
+        seconds, peak_rss, status = prepare_in_child(settings)
+        if status != 0:
+            raise SystemExit(f"preparing {megabytes:g} MB failed (exit {status})")
+        data = prepared[megabytes] = opened(settings)
+        meta = data.meta
+        raw = raw_encode(data.tokenizer, DataConfig(data=str(corpus)), work)
+        emit(kind="prepare", size_mb=round(text_bytes / 1e6, 1), peak_rss_mb=round(peak_rss / 2**20, 1),
+             seconds=round(seconds, 1), prepare_mb_per_s=round(text_bytes / 1e6 / seconds, 3),
+             tokenizer_train_s=round(meta["tokenizer_train_seconds"], 1),
+             tokenize_mb_per_s=round(meta["tokenize_mb_per_s"], 3), **raw,
+             ratio_tokenize_vs_encode_batch=round(meta["tokenize_mb_per_s"] / raw["raw_encode_batch_mb_per_s"], 3),
+             tokens=meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"],
+             shards=len(meta["splits"]["train"]["shards"]) + len(meta["splits"]["val"]["shards"]),
+             bytes_per_token=round(data.bytes_per_token("train"), 3))
+        if megabytes == args.kill_mb:
+            kill_and_resume(args, corpus, data, seconds, work)
+    loader_share(prepared[max(prepared)].tokens("train"), args.repeats)
+
+
+def kill_and_resume(args, corpus: Path, reference: PreparedData, seconds: float, work: Path) -> None:
+    """SIGKILL a preparation at a random instant, run it again: the same shards, decoding to the source."""
+    settings = settings_for(args, corpus, work / "data-killed")
+    kill_after = random.uniform(0, seconds)
+    _, _, killed_status = prepare_in_child(settings, kill_after)
+    resumed_seconds, _, status = prepare_in_child(settings)
+    data = opened(settings)
+    cfg = DataConfig(data=str(corpus))
+    # Every source document, in order, against the ids between end-of-text tokens of its split.
+    ids = {split: data.tokens(split)[:] for split in ("train", "val")}
+    ends = {split: iter(np.flatnonzero(ids[split] == data.tokenizer.eot_id).tolist()) for split in ids}
+    starts = {split: 0 for split in ids}
+    decoded_equal, first = True, 0
+    for batch in batched(documents(cfg, work / "cache", log=lambda line: None)):
+        for doc, is_val in zip(batch, split_mask(first, len(batch), cfg.val_fraction, 0)):
+            split = "val" if is_val else "train"
+            end = next(ends[split], None)
+            decoded_equal &= end is not None and data.tokenizer.decode(ids[split][starts[split]:end].tolist()) == doc
+            starts[split] = (end or 0) + 1
+        first += len(batch)
+    decoded_equal &= all(starts[s] == len(ids[s]) for s in ids)
+    emit(kind="kill_resume", size_mb=args.kill_mb, killed_after_s=round(kill_after, 2), killed_status=killed_status,
+         resumed_from_document=data.meta["resumed_from_document"], resume_seconds=round(resumed_seconds, 1),
+         exit_status=status, shards_equal_uninterrupted=data.meta["splits"] == reference.meta["splits"],
+         decodes_to_source=bool(decoded_equal))
 
 
 def loader_share(tokens, repeats: int) -> None:

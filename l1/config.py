@@ -17,6 +17,8 @@ from pathlib import Path
 
 from l1.errors import L1Error
 
+MIN_VOCAB = 257  # a byte-level BPE: 256 byte symbols + the end-of-text token
+
 
 def knob(default, help: str, auto: bool = False):
     """A dataclass field whose help text becomes the help of its command-line flag.
@@ -55,8 +57,8 @@ class ModelConfig:
     def __post_init__(self):
         _require_positive(self, "vocab_size", "n_layer", "n_head", "n_embd", "block_size",
                           "rope_theta", "norm_eps", "init_std", "pad_vocab_to")
-        if self.vocab_size < 257:
-            raise L1Error(f"vocab_size must be at least 257 for a byte-level BPE (256 bytes + end-of-text), "
+        if self.vocab_size < MIN_VOCAB:
+            raise L1Error(f"vocab_size must be at least {MIN_VOCAB} for a byte-level BPE (256 bytes + end-of-text), "
                           f"got {self.vocab_size}")
         if self.intermediate_size < 0:
             raise L1Error(f"intermediate_size must be >= 0 (0 = automatic), got {self.intermediate_size}")
@@ -102,16 +104,22 @@ class DataConfig:
                             ".parquet/.jsonl/.txt file or folder of them")
     hub_dataset: str = knob("wikimedia/wikipedia", "hub dataset used when --data is 'hub'")
     hub_config: str = knob("20231101.simple", "configuration of the hub dataset")
+    hub_split: str = knob("train", "split of the hub dataset")
+    text_column: str = knob("text", "column (parquet, hub) or field (jsonl) holding the text")
     data_dir: str = knob("data", "folder where prepared corpora (token files + meta.json) are kept")
     val_fraction: float = knob(0.01, "fraction of documents held out for validation")
     tokenizer: str = knob("", "reuse this tokenizer.json instead of training one on the corpus")
     max_docs: int = knob(0, "use only the first N documents of the source (0 = all)")
+    tokenizer_sample_mb: float = knob(256.0, "train the tokenizer on the first N MB of the training documents "
+                                             "(all of a smaller corpus)")
+    shard_tokens: int = knob(2 ** 25, "tokens per prepared shard file (the unit of resuming a killed preparation)")
 
     def __post_init__(self):
         if not 0.0 < self.val_fraction < 0.5:
             raise L1Error(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.max_docs < 0:
             raise L1Error(f"max_docs must be >= 0 (0 = all), got {self.max_docs}")
+        _require_positive(self, "tokenizer_sample_mb", "shard_tokens")
 
 
 @dataclass

@@ -3,27 +3,46 @@
 Saved as a standard tokenizer.json (loads with tokenizers.Tokenizer.from_file and transformers'
 PreTrainedTokenizerFast). Its fingerprint, a hash of that file's content, identifies it in
 prepared corpora and checkpoints.
+
+Training runs in a child process: the Rust trainer is one call of minutes that Python cannot
+interrupt (Ctrl-C is seen only between bytecodes, and a thread left inside it aborts the interpreter's
+exit), while a process can be killed at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
+from l1.config import MIN_VOCAB
 from l1.errors import L1Error
 
 EOT = "<|endoftext|>"  # separates documents
-MIN_VOCAB = 257  # 256 byte symbols + the end-of-text token
+# BPE training touches every word that holds a merged pair, so one long word costs its length at
+# every merge: a 3 MB run without whitespace took over 5 minutes. The trainer sees such runs cut into
+# words of at most this many characters; encoding is unaffected (it applies the merges to any word).
+TRAIN_RUN_CHARS = 128
 
 
 def fingerprint_of(content: str) -> str:
     """Short content hash of a serialized tokenizer."""
     return hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
+
+
+def training_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """What the BPE trainer splits words with: the byte-level split, after cutting every run of
+    TRAIN_RUN_CHARS non-space characters off the text before it (so no word is longer)."""
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(rf"\S{{{TRAIN_RUN_CHARS}}}"), "merged_with_previous"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
 
 
 class Tokenizer:
@@ -34,22 +53,38 @@ class Tokenizer:
         self.content = content if content is not None else hf.to_str()
         self.fingerprint = fingerprint_of(self.content)
         self.eot_id = hf.token_to_id(EOT)
+        self._documents_hf = None  # a copy that encodes special tokens' text as text, made on first use
         if self.eot_id is None:
             raise L1Error(f"tokenizer has no {EOT} token; train one with L1")
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
-        """Learn merges from an iterator of documents (runs on all cores in Rust)."""
+        """Learn merges from an iterable of documents, read lazily and streamed to a child process that
+        trains on all cores in Rust; Ctrl-C (KeyboardInterrupt here) kills it at once."""
         if vocab_size < MIN_VOCAB:
             raise L1Error(f"vocab_size must be at least {MIN_VOCAB} for a byte-level BPE "
                           f"(256 bytes + end-of-text), got {vocab_size}")
-        hf = HFTokenizer(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        hf.train_from_iterator(texts, trainer=trainer)
-        return cls(hf)
+        package_root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        child = subprocess.Popen([sys.executable, "-c", "from l1.tokenizer import _train_child; _train_child()",
+                                  str(vocab_size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        try:
+            try:
+                for text in texts:
+                    data = text.encode("utf-8", "surrogatepass")
+                    child.stdin.write(len(data).to_bytes(8, "little") + data)
+                child.stdin.close()
+            except BrokenPipeError:  # the child failed; its exit code says so below
+                pass
+            content = child.stdout.read().decode("utf-8")
+            if child.wait() != 0:
+                raise L1Error(f"tokenizer training failed (its process exited with code {child.returncode})")
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            child.stdout.close()
+        return cls(HFTokenizer.from_str(content), content)
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
@@ -81,9 +116,33 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many documents in parallel (the Rust side uses every core)."""
-        return [enc.ids for enc in self.hf.encode_batch_fast(texts)]
+    def encode_documents(self, documents: list[str]) -> list[list[int]]:
+        """The ids of each document, encoded in parallel on every core. A literal "<|endoftext|>"
+        inside a document is text, not a document boundary: only the caller puts end-of-text ids."""
+        if self._documents_hf is None:
+            self._documents_hf = HFTokenizer.from_str(self.content)
+            self._documents_hf.encode_special_tokens = True
+        return [enc.ids for enc in self._documents_hf.encode_batch_fast(documents)]
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=False)
+
+
+def _train_child() -> None:
+    """Tokenizer.train's child process: length-prefixed UTF-8 documents on stdin, the trained
+    tokenizer.json on stdout; the vocabulary size is its argument."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it kills this process
+    stdin = sys.stdin.buffer
+
+    def texts():
+        while header := stdin.read(8):
+            yield stdin.read(int.from_bytes(header, "little")).decode("utf-8", "surrogatepass")
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = training_pre_tokenizer()
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=int(sys.argv[1]), special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(texts(), trainer=trainer)
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    sys.stdout.write(hf.to_str())

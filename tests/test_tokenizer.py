@@ -1,12 +1,14 @@
 """The byte-level BPE: lossless for any text, standard file format, stable fingerprint."""
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import make_documents
+from tokenizers import pre_tokenizers
 from l1.errors import L1Error
-from l1.tokenizer import EOT, Tokenizer
+from l1.tokenizer import EOT, TRAIN_RUN_CHARS, Tokenizer, training_pre_tokenizer
 
 SAMPLES = ["The king of the island 🚀 built a church.", "naïve café — 日本語のテキスト", "e\u0301 a\u0308\u0323",
            "  spaces\t\ttabs\n\n\nlines  ", f"one{EOT}two", ""]
@@ -32,8 +34,37 @@ def test_decode_encode_round_trip_is_lossless(tokenizer, text):
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
-def test_batch_encoding_equals_single(tokenizer):
-    assert tokenizer.encode_batch(SAMPLES) == [tokenizer.encode(s) for s in SAMPLES]
+def test_document_encoding_keeps_a_literal_end_of_text_as_text(tokenizer):
+    plain = [s for s in SAMPLES if EOT not in s]
+    assert tokenizer.encode_documents(plain) == [tokenizer.encode(s) for s in plain]
+    quoting = [f"one{EOT}two", EOT]
+    ids = tokenizer.encode_documents(quoting)
+    assert [tokenizer.decode(i) for i in ids] == quoting and tokenizer.eot_id not in sum(ids, [])
+
+
+def test_training_sees_long_runs_without_whitespace_cut_into_bounded_words():
+    rng = np.random.default_rng(0)
+    huge = rng.integers(97, 107, 3_000_000, dtype=np.uint8).tobytes().decode()  # 3 MB, no whitespace
+    words = training_pre_tokenizer().pre_tokenize_str("Some text " + huge + " and after")
+    assert max(len(w) for w, _ in words) <= TRAIN_RUN_CHARS + 1  # + the leading space's symbol
+    assert "".join(w for w, _ in words) == "".join(w for w, _ in pre_tokenizers.ByteLevel(
+        add_prefix_space=False).pre_tokenize_str("Some text " + huge + " and after")), "cut, nothing lost"
+    assert [w for w, _ in words[:2]] == ["Some", "Ġtext"], "ordinary words are split as before"
+    trained = Tokenizer.train([huge[:300_000]] + make_documents(20), 400)
+    assert trained.decode(trained.encode(huge[:300_000])) == huge[:300_000]
+    assert trained.hf.pre_tokenizer.__class__.__name__ == "ByteLevel", "the saved tokenizer encodes whole words"
+
+
+def test_training_reads_a_lazy_iterable_and_stops_on_a_failing_one():
+    docs = make_documents(150)
+    assert Tokenizer.train(iter(docs), 600).fingerprint == Tokenizer.train(docs, 600).fingerprint
+
+    def failing():
+        yield from docs[:10]
+        raise L1Error("the source broke")
+
+    with pytest.raises(L1Error, match="the source broke"):
+        Tokenizer.train(failing(), 600)
 
 
 def test_end_of_text_is_one_special_token(tokenizer):
