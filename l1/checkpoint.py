@@ -99,6 +99,11 @@ def load_file(path: Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if len(magic) == 4 and magic != b"PK\x03\x04":  # torch.save writes a zip archive (a truncated one starts so too)
+        raise CheckpointError(f"{path} is not an L1 checkpoint (not a file written by torch.save); pass a "
+                              "run folder or one of its .pt files")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -116,6 +121,16 @@ def load_file(path: Path, map_location="cpu") -> dict:
     if _digest(state) != expected:
         raise CheckpointError(f"{path} is corrupt: its checksum does not match its contents")
     return state
+
+
+def peek(path: Path) -> dict | None:
+    """A checkpoint's plain values without reading its tensors (memory-mapped, not verified), or
+    None if unreadable: for summaries and early checks, never for resuming."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a damaged or foreign file
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def _copy(src: Path, dst: Path) -> None:

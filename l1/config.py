@@ -119,6 +119,8 @@ class DataConfig:
             raise L1Error(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.max_docs < 0:
             raise L1Error(f"max_docs must be >= 0 (0 = all), got {self.max_docs}")
+        if not self.data.strip():
+            raise L1Error("--data is empty: give 'hub' or a file or folder of text")
         _require_positive(self, "tokenizer_sample_mb", "shard_tokens")
 
 
@@ -188,6 +190,7 @@ class TrainConfig:
         for beta in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, beta) < 1.0:
                 raise L1Error(f"{beta} must be in [0, 1), got {getattr(self, beta)}")
+        _require_seed(self.seed)
         if self.optimizer == "muon" and self.fsdp:
             raise L1Error("--optimizer muon does not work with --fsdp (sharded matrices); use DDP or adamw")
 
@@ -229,6 +232,7 @@ class SamplingConfig:
             raise L1Error(f"--repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         if not 1 <= self.num_samples <= 1000:
             raise L1Error(f"--num_samples must be between 1 and 1000, got {self.num_samples}")
+        _require_seed(self.seed)
 
 
 # Presets are data: only what differs from the dataclass defaults.
@@ -250,6 +254,12 @@ PRESETS: dict[str, dict] = {
 }
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig}
+
+
+def _require_seed(seed: int) -> None:
+    """Seeds feed torch's and numpy's generators: both take 0 <= seed < 2**63."""
+    if not 0 <= seed < 2 ** 63:
+        raise L1Error(f"--seed must be between 0 and 2**63 - 1, got {seed}")
 
 
 def _require_positive(cfg, *names):

@@ -23,7 +23,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 
 from l1 import checkpoint
 from l1.config import ModelConfig, SamplingConfig

@@ -16,8 +16,6 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-
 from l1 import checkpoint, config
 from l1.config import ModelConfig, model_config_from_dict
 from l1.cli import entry_point
@@ -29,6 +27,8 @@ from l1.tokenizer import fingerprint_of
 def run_info(run_dir: str | Path) -> dict:
     """Everything `python -m l1.info` shows, as a JSON-ready dict (None where a fact is unknown)."""
     run = Path(run_dir)
+    if run.is_file():
+        raise L1Error(f"{run} is a file: pass the run folder that holds it (e.g. {run.parent})")
     if not run.is_dir():
         raise L1Error(f"run folder {run} does not exist")
     checkpoints = _checkpoints(run)
@@ -52,19 +52,10 @@ def _checkpoints(run: Path) -> list[dict]:
     """Latest, then rolling newest first, then best; each with its size and (if readable) its state."""
     found = []
     for path in checkpoint.CheckpointManager(run, keep=1).candidates():
-        state = _peek(path)
+        state = checkpoint.peek(path)
         found.append({"name": path.name, "bytes": path.stat().st_size, "state": state,
                       "step": state.get("step") if state else None})
     return found
-
-
-def _peek(path: Path) -> dict | None:
-    """A checkpoint's plain values without reading its tensors (memory-mapped), or None if unreadable."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # a damaged or foreign file: listed, marked unreadable
-        return None
-    return state if isinstance(state, dict) else None
 
 
 def _train_args(run: Path, state: dict) -> dict:

@@ -424,6 +424,11 @@ def encode_prompts(tokenizer: Tokenizer, prompts: list[str], block_size: int) ->
     for prompt in prompts:
         if not prompt.strip():
             raise L1Error("empty prompt: give some text to continue")
+        try:  # undecodable input bytes reach Python as lone surrogates, which are no text
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise L1Error(f"the prompt holds bytes that are not UTF-8 text (at character {exc.start}); "
+                          "give the prompt as UTF-8") from None
         ids = tokenizer.encode(prompt)
         if len(ids) > block_size:
             raise L1Error(f"the prompt is {len(ids)} tokens, longer than the model's context of "

@@ -52,10 +52,40 @@ def configure(overrides: dict, file_values: dict | None = None, fresh: bool = Fa
     if stored_path.is_file():
         stored = config.load_json(stored_path)
         _check_config_json(out / "config.json", stored.get("model", {}))
+    elif out.is_dir():
+        stored = _stored_in_checkpoint(out)
+    asked = overrides.get("preset") or file_values.get("preset")
+    if stored and asked and asked != stored.get("preset"):
+        raise L1Error(f"{out} is a run of preset {stored.get('preset')!r}; --preset {asked} would relabel it "
+                      "without changing the model: leave --preset out to resume, or train a new run with "
+                      "another --out (or --fresh)")
     cfg = config.resolve(overrides, stored, file_values)
+    if stored:  # a cheap look at the newest step: refuse before anything is written
+        _check_max_steps(cfg, (checkpoint.peek(out / checkpoint.LATEST) or {}).get("step", 0))
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise L1Error("--tensorboard needs the tensorboard package: pip install tensorboard")
     return cfg
+
+
+def _stored_in_checkpoint(run_dir: Path) -> dict | None:
+    """The training config kept inside the newest intact checkpoint, for a run folder whose
+    training_args.json was deleted: resuming must not fall back to the defaults (the hub corpus)."""
+    for path in CheckpointManager(run_dir, keep=1).candidates():
+        try:
+            stored = checkpoint.load_file(path).get("train_config")
+        except checkpoint.CheckpointError:
+            continue
+        if isinstance(stored, dict):
+            print(f"{run_dir / TRAINING_ARGS} is missing: resuming with the configuration stored in {path.name}")
+            return stored
+    return None
+
+
+def _check_max_steps(cfg: TrainConfig, step: int) -> None:
+    """--max_steps is the run's total: one below the step reached would end before it."""
+    if isinstance(step, int) and cfg.max_steps < step:
+        raise L1Error(f"the run is at step {step} already; --max_steps is the run's total, so "
+                      f"{cfg.max_steps} ends before it: give a larger --max_steps")
 
 
 def _check_config_json(path: Path, stored_model: dict) -> None:
@@ -104,6 +134,16 @@ def _optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torc
 
 # ---- logging ------------------------------------------------------------------------------------
 
+class _LogFile(logging.FileHandler):
+    """training.log. A line that cannot be written (a full disk) stops the run with one error line
+    instead of logging's traceback on stderr and a log with holes."""
+
+    def handleError(self, record):
+        exc = sys.exc_info()[1]
+        raise L1Error(f"cannot write {self.baseFilename}: {getattr(exc, 'strerror', None) or exc}; the "
+                      "checkpoints are intact: free space, then run the same command to resume") from None
+
+
 class _TqdmHandler(logging.Handler):
     """Console lines that do not break the progress bar."""
 
@@ -123,7 +163,7 @@ def _make_logger(run_dir: Path, writes: bool) -> logging.Logger:
         logger.addHandler(logging.NullHandler())
         return logger
     fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    file_handler = logging.FileHandler(run_dir / "training.log", encoding="utf-8")  # flushes every line
+    file_handler = _LogFile(run_dir / "training.log", encoding="utf-8")  # flushes every line
     console = _TqdmHandler()
     for handler in (file_handler, console):
         handler.setFormatter(fmt)
@@ -145,8 +185,12 @@ class _Metrics:
 
     def write(self, **record):
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as exc:
+                raise L1Error(f"cannot write {self.file.name}: {exc.strerror or exc}; the checkpoints are "
+                              "intact: free space, then run the same command to resume") from None
         if self.board:
             for key, value in record.items():
                 if key not in ("kind", "step", "time") and isinstance(value, (int, float)):
@@ -290,6 +334,7 @@ class _Run:
         resumed = self.manager.load_latest(self._refusal, log=log, map_location="cpu")
         state, self.resumed_from = resumed if resumed else (None, None)
         self.step = state["step"] if state else 0
+        _check_max_steps(cfg, self.step)
 
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg.model).to(self.device)

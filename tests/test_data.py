@@ -18,7 +18,7 @@ import torch
 import l1.data
 from conftest import REPO, SHARED_SAMPLE, make_documents, write_parquet
 from l1.config import DataConfig
-from l1.data import BatchIterator, ShardWriter, Tokens, WindowOrder, eval_batches, prepare, split_mask
+from l1.data import BatchIterator, ShardWriter, WindowOrder, eval_batches, prepare, split_mask
 from l1.errors import L1Error
 from l1.tokenizer import Tokenizer
 

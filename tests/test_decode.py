@@ -2,7 +2,6 @@
 recomputation, int8 and bf16 weights against fp32, the dtype rule, the compile fallback."""
 
 import copy
-import dataclasses
 import hashlib
 
 import pytest

@@ -1,0 +1,171 @@
+"""Bad input and full disks around a finished run: one `error:` line, exit 2, no traceback, and the
+run folder exactly as it was. Each case is a real command line (in-process main, or a subprocess
+where the input is bytes)."""
+
+import errno
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import generate_simple
+import train_gpu_compatible
+from conftest import REPO, tiny_args
+from l1 import info, trainer
+from l1.checkpoint import load_file
+
+
+@pytest.fixture(scope="module")
+def finished(corpus, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("finished")
+    args = [str(a) for a in tiny_args(corpus, tmp, max_steps=4)]
+    assert train_gpu_compatible.main(args) == 0
+    return tmp / "run", args
+
+
+@pytest.fixture
+def run(finished, tmp_path):
+    """A private copy of the finished run, and its flags pointing at the copy."""
+    source, args = finished
+    copy = tmp_path / "run"
+    shutil.copytree(source, copy)
+    args = list(args)
+    args[args.index("--out") + 1] = str(copy)
+    return copy, args
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def with_flag(args, flag, value):
+    args = list(args)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    return args
+
+
+def test_another_preset_on_resume_is_refused(run, capsys):
+    folder, args = run
+    before = snapshot(folder)
+    assert train_gpu_compatible.main(with_flag(args, "--preset", "l1-v1")) == 2
+    assert "is a run of preset 'tiny'" in one_error_line(capsys)
+    assert snapshot(folder) == before
+
+
+def test_max_steps_below_the_current_step_is_refused(run, capsys):
+    folder, args = run
+    before = snapshot(folder)
+    assert train_gpu_compatible.main(with_flag(args, "--max_steps", "2")) == 2
+    assert "at step 4 already" in one_error_line(capsys)
+    assert snapshot(folder) == before
+
+
+def test_deleted_training_args_resume_from_the_checkpoints_config(run, capsys):
+    folder, args = run
+    (folder / "training_args.json").unlink()
+    # Only --out and --max_steps: the rest (data, model shape) must come from the checkpoint, not the defaults.
+    assert train_gpu_compatible.main(["--out", str(folder), "--max_steps", "6", "--no-compile"]) == 0
+    assert load_file(folder / "latest_checkpoint.pt")["step"] == 6
+    assert "resuming with the configuration stored in latest_checkpoint.pt" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 63)])
+def test_seeds_outside_the_generators_range_are_refused(run, capsys, seed):
+    folder, args = run
+    before = snapshot(folder)
+    assert train_gpu_compatible.main(with_flag(args, "--seed", seed)) == 2
+    assert "--seed must be between 0 and 2**63 - 1" in one_error_line(capsys)
+    assert generate_simple.main(["--model_path", str(folder), "--prompt", "hi", "--seed", seed]) == 2
+    assert "--seed must be between" in one_error_line(capsys)
+    assert snapshot(folder) == before
+
+
+def test_empty_data_is_refused(tmp_path, capsys):
+    assert train_gpu_compatible.main(["--data", "", "--out", str(tmp_path / "r"), "--data_dir", str(tmp_path)]) == 2
+    assert "--data is empty" in one_error_line(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_tokenizer_as_model_path_is_named_for_what_it_is(run, capsys):
+    folder, _ = run
+    assert generate_simple.main(["--model_path", str(folder / "tokenizer.json"), "--prompt", "hi"]) == 2
+    line = one_error_line(capsys)
+    assert "not an L1 checkpoint" in line and "pickled" not in line and "weights_only" not in line
+
+
+def test_info_on_a_checkpoint_file_points_to_its_folder(run, capsys):
+    folder, _ = run
+    assert info.main([str(folder / "latest_checkpoint.pt")]) == 2
+    assert f"pass the run folder that holds it (e.g. {folder})" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("where", ["stdin", "argument"])
+def test_prompts_that_are_not_utf8_are_refused(run, where):
+    folder, _ = run
+    cmd = [sys.executable, str(REPO / "generate_simple.py"), "--model_path", str(folder), "--max_tokens", "2"]
+    data = b"caf\xe9 au lait\n"
+    if where == "argument":
+        cmd += ["--prompt", data.strip().decode("utf-8", "surrogateescape")]
+    result = subprocess.run(cmd, input=data if where == "stdin" else b"", capture_output=True, timeout=300,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"})
+    err = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: the prompt holds bytes that are not UTF-8")
+
+
+class _FullDisk:
+    """A file whose writes fail as on a full disk."""
+
+    name = "full"
+
+    def write(self, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_full_disk_while_writing_training_log(run, monkeypatch, capsys):
+    folder, args = run
+    checkpoints = {name: data for name, data in snapshot(folder).items() if name.endswith(".pt")}
+    made = trainer._make_logger
+
+    def logger_on_a_full_disk(run_dir, writes):
+        logger = made(run_dir, writes)
+        next(h for h in logger.handlers if isinstance(h, trainer._LogFile)).stream = _FullDisk()
+        return logger
+
+    monkeypatch.setattr(trainer, "_make_logger", logger_on_a_full_disk)
+    assert train_gpu_compatible.main(with_flag(args, "--max_steps", "8")) == 2
+    line = one_error_line(capsys)
+    assert "training.log: No space left on device" in line and "run the same command" in line
+    assert {n: d for n, d in snapshot(folder).items() if n.endswith(".pt")} == checkpoints
+
+
+def test_full_disk_while_writing_metrics(run, monkeypatch, capsys):
+    folder, args = run
+    made = trainer._Metrics.__init__
+
+    def metrics_on_a_full_disk(self, *a, **k):
+        made(self, *a, **k)
+        self.file.close()
+        self.file = _FullDisk()
+
+    monkeypatch.setattr(trainer._Metrics, "__init__", metrics_on_a_full_disk)
+    assert train_gpu_compatible.main(with_flag(args, "--max_steps", "8")) == 2
+    assert "cannot write full: No space left on device" in one_error_line(capsys)
+    assert load_file(folder / "latest_checkpoint.pt")["step"] >= 4
