@@ -23,7 +23,6 @@ import shutil
 import sys
 from pathlib import Path
 
-
 from l1 import checkpoint
 from l1.config import ModelConfig, SamplingConfig
 from l1.cli import entry_point

@@ -181,3 +181,22 @@ def test_too_old_torch_is_refused_in_one_line():
     for old in ("2.4.1", "2.8.0+cpu"):
         with pytest.raises(L1Error, match=re.escape(f"L1 needs torch >= {runtime.MIN_TORCH}, found {old}:")):
             runtime.check_torch_version(old)
+
+
+def test_rng_state_is_this_devices_only_and_restores(monkeypatch):
+    """A checkpoint holds the CPU generator and this process's own GPU's (never one per visible
+    GPU, which a machine with fewer GPUs could not restore); old checkpoints with a list still load."""
+    cpu = torch.device("cpu")
+    torch.manual_seed(5)
+    state = runtime.rng_state(cpu)
+    assert set(state) == {"cpu", "cuda"} and state["cuda"] is None
+    expected = torch.rand(4)
+    runtime.set_rng_state(state, cpu)
+    assert torch.equal(torch.rand(4), expected)
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((s, device)))
+    gpu_states = [torch.full((8,), i, dtype=torch.uint8) for i in range(8)]  # an 8-GPU run's old format
+    runtime.set_rng_state({"cpu": state["cpu"], "cuda": gpu_states}, torch.device("cuda", 0))
+    runtime.set_rng_state({"cpu": state["cpu"], "cuda": gpu_states[3]}, torch.device("cuda", 0))
+    assert [(int(s[0]), str(d)) for s, d in restored] == [(0, "cuda:0"), (3, "cuda:0")]

@@ -28,6 +28,25 @@ def assert_bitwise_equal(a: dict, b: dict):
         assert torch.equal(a[name], b[name]), name
 
 
+def assert_same_state(a: dict, b: dict, where: str = "") -> None:
+    """Every tensor and value of two checkpoints equal, the RNG states included; only what names
+    the run itself (its folder, its identity) may differ."""
+    assert a.keys() == b.keys(), where
+    for key in a:
+        if where == "" and key in ("train_config", "run_id"):
+            continue
+        x, y, here = a[key], b[key], f"{where}/{key}"
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(x, y), here
+        elif isinstance(x, dict):
+            assert_same_state(x, y, here)
+        elif isinstance(x, (list, tuple)):
+            assert len(x) == len(y), here
+            assert_same_state(dict(enumerate(x)), dict(enumerate(y)), here)
+        else:
+            assert x == y, here
+
+
 def stop_during(monkeypatch, step: int):
     """Deliver a real SIGTERM to this process while optimizer step `step` is being computed."""
     original = trainer._Run._train_step
@@ -93,6 +112,7 @@ def test_resume_is_bitwise_exact_across_an_epoch_boundary(corpus, tmp_path, monk
     final = load_file(stopped / "run" / "latest_checkpoint.pt")
     assert final["step"] == 30 and final["epoch"] >= 1, "the run must cross an epoch boundary"
     assert_bitwise_equal(weights(straight / "run"), final["model"])
+    assert_same_state(load_file(straight / "run" / "latest_checkpoint.pt"), final)  # optimizer, data, RNG too
     assert "resumed from latest_checkpoint.pt at step 7" in (stopped / "run" / "training.log").read_text()
 
 
@@ -119,6 +139,8 @@ def test_resume_after_sigkill_is_bitwise_exact(corpus, tmp_path):
     resumed = run_script("train_gpu_compatible.py", *args)
     assert resumed.returncode == 0, resumed.stderr
     assert_bitwise_equal(weights(tmp_path / "straight" / "run"), weights(run))
+    assert_same_state(load_file(tmp_path / "straight" / "run" / "latest_checkpoint.pt"),
+                      load_file(run / "latest_checkpoint.pt"))
 
 
 def test_sigterm_mid_run_saves_and_exits_zero(corpus, tmp_path):
