@@ -46,7 +46,8 @@ def configure(overrides: dict, file_values: dict | None = None, fresh: bool = Fa
     stored_path = out / TRAINING_ARGS
     if fresh and out.exists() and any(out.iterdir()):
         aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        out.rename(aside)
+        with checkpoint.RunLock(out):  # never move a folder that another trainer is writing
+            out.rename(aside)
         print(f"--fresh: moved the previous run to {aside}")
     stored = None
     if stored_path.is_file():
@@ -197,7 +198,12 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) the run in cfg.run_dir until max_steps, max_minutes or a stop signal."""
-    return _Run(cfg).run()
+    run = _Run(cfg)
+    try:
+        return run.run()
+    finally:
+        if run.lock:
+            run.lock.release()
 
 
 class _Run:
@@ -210,9 +216,11 @@ class _Run:
             raise L1Error(f"--grad_accum {cfg.grad_accum} must be a multiple of the {self.dist.world_size} "
                           "processes, so that every world size trains on the same global batch")
         self.accum = cfg.grad_accum // self.dist.world_size  # micro-steps per rank and optimizer step
+        self.lock = None
         if self.main:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.lock = checkpoint.RunLock(self.run_dir).acquire()  # before anything writes here
                 probe = self.run_dir / ".write-test"
                 probe.write_text("")
                 probe.unlink()
@@ -223,7 +231,7 @@ class _Run:
         self.logger = _make_logger(self.run_dir, self.main)
         self.log = self.logger.info
         self.amp = runtime.use_amp(self.device, cfg.amp)
-        self.manager = CheckpointManager(self.run_dir, cfg.keep)
+        self.manager = CheckpointManager(self.run_dir, cfg.keep, log=self.log)
         if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise L1Error("--tensorboard needs the tensorboard package: pip install tensorboard")
         if cfg.batch_size == 0 and self.device.type != "cuda":
@@ -385,7 +393,7 @@ class _Run:
         self.metrics = _Metrics(self.run_dir, self.main, cfg.tensorboard)
         val_loss = None
         try:
-            with _StopFlag(self.log) as stop:
+            with _StopFlag(self.log) as stop, self.manager:  # the last save is on disk before the end
                 val_loss, stopped = self._loop(stop)
         finally:
             self.metrics.close()
@@ -524,12 +532,7 @@ class _Run:
             return
         seconds = self.manager.save(state, rolling=rolling, best=best)
         self.saved_step = self.step
-        names = [checkpoint.LATEST]
-        if rolling:
-            names.append(checkpoint.rolling_name(self.batches.epoch, self.step))
-        if best:
-            names.append(checkpoint.BEST)
-        self.log(f"saved {', '.join(names)} at step {self.step} in {seconds:.2f}s")
+        self.log(f"checkpoint of step {self.step} taken, training held {seconds:.2f}s; writing it in the background")
 
     def _log_train(self, stats: dict) -> None:
         tokens_per_s = stats["tokens"] / stats["seconds"]
