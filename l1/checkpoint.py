@@ -175,12 +175,14 @@ class _Snapshot:
 
     def _copy(self, value, memo: dict):
         if isinstance(value, torch.Tensor):
-            source = value.untyped_storage()
-            key = (source.device, source.data_ptr(), source.nbytes())
-            if key not in memo:
-                memo[key] = self._storage_copy(source)
-            return torch.empty(0, dtype=value.dtype).set_(memo[key], value.storage_offset(), value.size(),
-                                                          value.stride())
+            if id(value) not in memo:  # one tensor under two names stays one tensor
+                source = value.untyped_storage()
+                key = (source.device, source.data_ptr(), source.nbytes())
+                if key not in memo:
+                    memo[key] = self._storage_copy(source)
+                memo[id(value)] = torch.empty(0, dtype=value.dtype).set_(
+                    memo[key], value.storage_offset(), value.size(), value.stride())
+            return memo[id(value)]
         if isinstance(value, dict):
             return {key: self._copy(item, memo) for key, item in value.items()}
         if isinstance(value, (list, tuple)):
