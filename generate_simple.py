@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from l1 import config
+from l1.cli import entry_point
 from l1.errors import L1Error
 
 
@@ -35,28 +36,23 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+@entry_point
 def main(argv=None) -> int:
+    """Load the model once, then continue each prompt (streamed when there is one text)."""
     args = parse_args(argv)
-    try:
-        cfg = config.sampling_config_from_args(args)
-        prompts = read_prompts(args)
-        from l1 import sampler  # imported late: --help and bad values answer without loading torch
+    cfg = config.sampling_config_from_args(args)
+    prompts = read_prompts(args)
+    from l1 import sampler  # imported late: --help and bad values answer without loading torch
 
-        lm = sampler.load(args.model_path, args.device)
-        print(f"[{lm.path} | step {lm.step} | {lm.device}]", file=sys.stderr)
-        if len(prompts) * cfg.num_samples == 1:  # one text: stream it as it comes
-            sampler.generate(lm, prompts, cfg, tuple(args.stop), echo=True,
-                             on_piece=lambda _, piece: print(piece, end="", flush=True))
-            print()
-        else:  # texts separated by a blank line, prompts first
-            texts = sampler.generate(lm, prompts, cfg, tuple(args.stop))
-            print("\n\n".join(prompts[i // cfg.num_samples] + text for i, text in enumerate(texts)))
-    except L1Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    lm = sampler.load(args.model_path, args.device)
+    print(f"[{lm.path} | step {lm.step} | {lm.device}]", file=sys.stderr)
+    if len(prompts) * cfg.num_samples == 1:  # one text: stream it as it comes
+        sampler.generate(lm, prompts, cfg, tuple(args.stop), echo=True,
+                         on_piece=lambda _, piece: print(piece, end="", flush=True))
+        print()
+    else:  # texts separated by a blank line, prompts first
+        texts = sampler.generate(lm, prompts, cfg, tuple(args.stop))
+        print("\n\n".join(prompts[i // cfg.num_samples] + text for i, text in enumerate(texts)))
     return 0
 
 

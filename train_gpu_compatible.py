@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from l1 import config
-from l1.errors import L1Error
+from l1.cli import entry_point
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,17 +23,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@entry_point
 def main(argv=None) -> int:
+    """Resolve the config (preset, stored run, --config file, flags) and train."""
     args = parse_args(argv)
-    try:
-        from l1 import trainer  # imported late so --help is instant
+    from l1 import trainer  # imported late so --help is instant
 
-        file_values = config.load_json(args.config) if args.config else None
-        cfg = trainer.configure(config.overrides_from_args(args), file_values, fresh=args.fresh)
-        trainer.train(cfg)
-    except L1Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    file_values = config.load_json(args.config) if args.config else None
+    cfg = trainer.configure(config.overrides_from_args(args), file_values, fresh=args.fresh)
+    trainer.train(cfg)
     return 0
 
 

@@ -28,6 +28,7 @@ from bench.common import emit, machine
 from l1.config import ModelConfig, resolve
 from l1.loss import chunk_rows
 from l1.model import GPT, matmul_attention_pays
+from l1.runtime import Precision, apply_activation_checkpointing
 
 GIB = 2.0 ** 30
 ADAMW_MOMENTS = 2  # exp_avg and exp_avg_sq, fp32 like the weights
@@ -196,9 +197,10 @@ def measure(cfg: ModelConfig, batch: int, seq: int, amp: bool, grad_ckpt: bool, 
 
     torch.manual_seed(0)
     model = GPT(cfg).to(device).train()
-    model.grad_ckpt = grad_ckpt
+    if grad_ckpt:
+        apply_activation_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    autocast = Precision(device.type, torch.bfloat16 if amp else torch.float32).autocast
     backend = SDPBackend.FLASH_ATTENTION if flash else SDPBackend.MATH
 
     def batch_of(b: int, t: int):

@@ -19,7 +19,6 @@ long run) against the best peer configuration.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import time
 
@@ -72,7 +71,7 @@ def training_step(model, loss_fn, idx, targets, amp: torch.dtype | None, compile
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=amp) if amp else contextlib.nullcontext():
+        with runtime.Precision("cpu", amp or torch.float32).autocast():
             loss = loss_fn(forward, idx, targets)
         loss.backward()
         optimizer.step()
@@ -181,7 +180,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     emit(kind="setup", **machine(), cores=os.cpu_count(), native_bf16=native_bf16)
     # What the trainer picks on this CPU for a run long enough for throughput to matter.
-    default_dtype = "bf16" if runtime.use_amp(torch.device("cpu"), None) else "fp32"
+    default_dtype = runtime.precision(torch.device("cpu")).name
     default_compiled = runtime.use_compile(torch.device("cpu"), None, float("inf"))
     default_mode = "compiled" if default_compiled else "eager"
     emit(kind="defaults", dtype=default_dtype, mode=default_mode)

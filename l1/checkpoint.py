@@ -17,12 +17,16 @@ import shutil
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from l1.config import ModelConfig, model_config_from_dict
 from l1.errors import L1Error
+from l1.model import GPT
+from l1.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 LATEST = "latest_checkpoint.pt"
@@ -462,3 +466,58 @@ def find_for_inference(model_path: str | None, models_root: Path = Path("models"
     raise CheckpointError(f"no checkpoint found in {where} (looked for {BEST}, {LATEST}, "
                           "checkpoint_epoch_E_step_S.pt); train one with train_gpu_compatible.py "
                           "or pass --model_path")
+
+
+# ---- a trained run, for inference and tools -------------------------------------------------------
+
+@dataclass
+class LoadedRun:
+    """A verified checkpoint with its model config and the tokenizer it was trained with."""
+
+    path: Path  # the checkpoint file
+    state: dict
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("step", 0))
+
+    def check_weights(self) -> None:
+        """Refuse weights that do not fit the model_config they claim (names and shapes), in one
+        line, without allocating the model (built on the meta device)."""
+        with torch.device("meta"):
+            model = GPT(self.model_config)
+        try:
+            model.load_state_dict(self.state["model"], assign=True)  # checks names and shapes; copies nothing
+        except RuntimeError as exc:  # missing, unexpected or misshapen weights
+            first = str(exc).strip().splitlines()[-1].strip()[:200]
+            raise CheckpointError(f"{self.path}: its weights do not fit its model_config ({first})") from None
+
+    def model(self) -> GPT:
+        """The GPT with the checkpoint's weights, on the CPU, in fp32 as trained."""
+        self.check_weights()
+        model = GPT(self.model_config)
+        model.load_state_dict(self.state["model"])
+        return model
+
+
+def load_run(model_path: str | None, models_root: Path = Path("models")) -> LoadedRun:
+    """The one loader of a trained run for every tool (sampler, export): a checkpoint file, or a
+    run folder's best else latest, or the newest run under models_root; verified, with the
+    tokenizer.json beside it, which must be the one the model was trained with."""
+    path = find_for_inference(model_path, models_root)
+    state = load_file(path)
+    if not isinstance(state.get("model"), dict) or "model_config" not in state \
+            or "tokenizer_fingerprint" not in state:
+        raise CheckpointError(f"{path} has no model weights, model_config or tokenizer fingerprint: "
+                              "not an L1 model checkpoint")
+    cfg = model_config_from_dict(state["model_config"], origin=str(path))
+    tokenizer_path = path.parent / "tokenizer.json"
+    tokenizer = Tokenizer.load(tokenizer_path)
+    if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
+        raise L1Error(f"{tokenizer_path} (fingerprint {tokenizer.fingerprint}) is not the tokenizer this model "
+                      f"was trained with ({state['tokenizer_fingerprint']}); restore the run's own tokenizer.json")
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise L1Error(f"{tokenizer_path} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
+    return LoadedRun(path, state, cfg, tokenizer)

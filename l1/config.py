@@ -79,6 +79,20 @@ class ModelConfig:
     def padded_vocab_size(self) -> int:
         return self.pad_vocab_to * math.ceil(self.vocab_size / self.pad_vocab_to)
 
+    @property
+    def num_params(self) -> int:
+        """Exact parameters of l1.model.GPT of this shape, by arithmetic (no torch): the tied
+        embedding once, no biases; a test holds it to the built model's count."""
+        d, hidden = self.n_embd, self.mlp_hidden
+        norms = 2 * d + (2 * self.head_dim if self.qk_norm else 0)  # block norms (+ query/key norms)
+        block = norms + 4 * d * d + 3 * d * hidden  # qkv + proj, gate_up + down
+        return self.padded_vocab_size * d + self.n_layer * block + d  # + the final norm
+
+    @property
+    def num_params_unpadded(self) -> int:
+        """num_params without the embedding rows padded on past the vocabulary."""
+        return self.num_params - (self.padded_vocab_size - self.vocab_size) * self.n_embd
+
 
 @dataclass
 class DataConfig:
@@ -164,6 +178,8 @@ class TrainConfig:
         for beta in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, beta) < 1.0:
                 raise L1Error(f"{beta} must be in [0, 1), got {getattr(self, beta)}")
+        if self.optimizer == "muon" and self.fsdp:
+            raise L1Error("--optimizer muon does not work with --fsdp (sharded matrices); use DDP or adamw")
 
     @property
     def context(self) -> int:

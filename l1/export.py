@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from l1 import checkpoint
-from l1.config import ModelConfig, SamplingConfig, model_config_from_dict
+from l1.config import ModelConfig, SamplingConfig
+from l1.cli import entry_point
 from l1.errors import L1Error
-from l1.model import GPT
 from l1.tokenizer import EOT, Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -40,10 +40,13 @@ def export(run_or_checkpoint: str, out_dir: str, force: bool = False) -> Path:
     _require_libraries()
     source = _checkpoint_path(Path(run_or_checkpoint))
     out = _check_out_dir(Path(out_dir), source.parent, force)
-    state = checkpoint.load_file(source)
-    cfg = _model_config(source, state)
-    tokenizer = _run_tokenizer(source, state, cfg)
-    weights = _weights(source, state["model"], cfg)
+    run = checkpoint.load_run(str(source))
+    cfg, tokenizer = run.model_config, run.tokenizer
+    if cfg.qk_norm:  # Llama has no per-head query/key norms
+        raise L1Error(f"{source} was trained with --qk_norm, which the Llama format cannot hold; "
+                      "only models without it can be exported")
+    run.check_weights()
+    weights = {name: t.float() for name, t in run.state["model"].items()}
     hf_cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size, pad_vocab_to=1)  # unpadded
     target = out.resolve()  # a name to build a sibling from, even for "."
     staging = target.with_name(f".{target.name}.export-{os.getpid()}")
@@ -87,40 +90,6 @@ def _check_out_dir(out: Path, run_dir: Path, force: bool) -> Path:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise L1Error(f"{out} is not empty; pass --force to write into it (files of the same names are replaced)")
     return out
-
-
-def _model_config(source: Path, state: dict) -> ModelConfig:
-    if not isinstance(state.get("model"), dict) or "model_config" not in state:
-        raise checkpoint.CheckpointError(f"{source} has no model weights or model_config: not an L1 model checkpoint")
-    cfg = model_config_from_dict(state["model_config"], origin=str(source))
-    if cfg.qk_norm:  # Llama has no per-head query/key norms
-        raise L1Error(f"{source} was trained with --qk_norm, which the Llama format cannot hold; "
-                      "only models without it can be exported")
-    return cfg
-
-
-def _run_tokenizer(source: Path, state: dict, cfg: ModelConfig) -> Tokenizer:
-    """The tokenizer.json beside the checkpoint, which must be the one the model was trained with."""
-    path = source.parent / "tokenizer.json"
-    tokenizer = Tokenizer.load(path)
-    if tokenizer.fingerprint != state.get("tokenizer_fingerprint"):
-        raise L1Error(f"{path} (fingerprint {tokenizer.fingerprint}) is not the tokenizer {source.name} "
-                      f"was trained with ({state.get('tokenizer_fingerprint')})")
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise L1Error(f"{path} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
-    return tokenizer
-
-
-def _weights(source: Path, model_state: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights as float32, after checking that they fit the model they claim to be."""
-    with torch.device("meta"):
-        model = GPT(cfg)
-    try:
-        model.load_state_dict(model_state, assign=True)  # checks names and shapes; copies nothing
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1].strip()[:200]
-        raise checkpoint.CheckpointError(f"{source}: its weights do not fit its model_config ({first})") from None
-    return {name: t.float() for name, t in model_state.items()}
 
 
 def _write_weights(folder: Path, weights: dict, hf_cfg: ModelConfig, vocab_size: int) -> None:
@@ -196,20 +165,16 @@ def _summary(out: Path) -> str:
             f"float32 weights\nload it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    """The command line; L1Error becomes one line on stderr and exit status 2."""
+    """The command line (through l1.cli.entry_point: one error line, exit status 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a run folder (models/<run>) or a checkpoint file")
     parser.add_argument("out", help="the Hugging Face folder to write")
     parser.add_argument("--force", action="store_true",
                         help="write into a non-empty folder, replacing the files of the same names")
     args = parser.parse_args(argv)
-    try:
-        out = export(args.source, args.out, force=args.force)
-    except L1Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(_summary(out))
+    print(_summary(export(args.source, args.out, force=args.force)))
     return 0
 
 

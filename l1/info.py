@@ -20,6 +20,7 @@ import torch
 
 from l1 import checkpoint, config
 from l1.config import ModelConfig, model_config_from_dict
+from l1.cli import entry_point
 from l1.errors import L1Error
 from l1.plot import METRICS, read_records
 from l1.tokenizer import fingerprint_of
@@ -81,18 +82,11 @@ def _model_config(run: Path, state: dict) -> ModelConfig | None:
 
 
 def _parameters(cfg: ModelConfig | None) -> dict:
-    """Exact counts by arithmetic over l1.model.GPT's shapes (tied embedding once, no biases).
-
-    Building the GPT on the meta device gives the same numbers (the tests check it) but its first
-    use imports torch's compiler stack: seconds, for a summary that otherwise takes a fraction.
-    """
+    """Exact counts from the config's arithmetic: building the GPT, even on the meta device, first
+    imports torch's compiler stack (seconds, for a summary that otherwise takes a fraction)."""
     if cfg is None:
         return {"parameters": None, "parameters_without_padding": None, "padded_vocab_size": None}
-    d, hidden = cfg.n_embd, cfg.mlp_hidden
-    block = 2 * d + 4 * d * d + 3 * d * hidden  # two norms, qkv + proj, gate_up + down
-    total = cfg.padded_vocab_size * d + cfg.n_layer * block + d  # + the final norm
-    padding = (cfg.padded_vocab_size - cfg.vocab_size) * d
-    return {"parameters": total, "parameters_without_padding": total - padding,
+    return {"parameters": cfg.num_params, "parameters_without_padding": cfg.num_params_unpadded,
             "padded_vocab_size": cfg.padded_vocab_size}
 
 
@@ -173,17 +167,14 @@ def _size(n: int) -> str:
         n /= 1024
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    """The command line; L1Error becomes one line on stderr and exit status 2."""
+    """The command line (through l1.cli.entry_point: one error line, exit status 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="the run folder (models/<run>)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     args = parser.parse_args(argv)
-    try:
-        info = run_info(args.run)
-    except L1Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    info = run_info(args.run)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 

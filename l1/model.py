@@ -16,7 +16,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from l1.config import ModelConfig
 from l1.loss import compute_dtype, linear_cross_entropy
@@ -200,7 +199,6 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.grad_ckpt = False  # recompute blocks in backward; switched on by the runtime
         self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
@@ -245,10 +243,7 @@ class GPT(nn.Module):
         mask = self._attention_mask(T, start, key_mask, idx.device)
         x = self.embed(idx)
         for i, block in enumerate(self.blocks):
-            if self.grad_ckpt and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, mask, cache, i)
+            x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
         x = self.norm(x)
@@ -271,10 +266,11 @@ class GPT(nn.Module):
         return (allowed[None] & key_mask[:, None, :] | own_slot[None])[:, None]
 
     def num_params(self, exclude_padding: bool = False) -> int:
-        """Parameters, tied embeddings counted once; optionally without the padded vocab rows."""
+        """Parameters counted tensor by tensor (tied embeddings once); optionally without the
+        padded vocab rows. ModelConfig.num_params gives the same by arithmetic."""
         total = sum(p.numel() for p in self.parameters())
         if exclude_padding:
-            total -= (self.cfg.padded_vocab_size - self.cfg.vocab_size) * self.cfg.n_embd
+            total -= self.cfg.num_params - self.cfg.num_params_unpadded
         return total
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from l1.cli import entry_point
 from l1.errors import L1Error
 
 METRICS = "metrics.jsonl"
@@ -156,18 +157,15 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, log_y: bool = F
     return out
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    """The command line; L1Error becomes one line on stderr and exit status 2."""
+    """The command line (through l1.cli.entry_point: one error line, exit status 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="the run folder (models/<run>)")
     parser.add_argument("--out", help=f"image file to write (default: RUN/{PLOT}; .png, .svg or .pdf)")
     parser.add_argument("--log", action="store_true", help="logarithmic loss axis")
     args = parser.parse_args(argv)
-    try:
-        print(plot_run(args.run, args.out, log_y=args.log))
-    except L1Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    print(plot_run(args.run, args.out, log_y=args.log))
     return 0
 
 

@@ -12,6 +12,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -41,32 +42,61 @@ def pick_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the device computes it natively, else fp16 (which then needs loss scaling)."""
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 in hardware. torch.cuda.is_bf16_supported() also counts
+    emulated bf16 (T4, V100, RTX 20xx), which runs slower than fp16, so only native support counts."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.bfloat16
-
-
-def autocast(device: torch.device, enabled: bool):
-    """The autocast context for this device, or a no-op when mixed precision is off."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype(device))
-
-
-def use_amp(device: torch.device, requested: bool | None) -> bool:
-    """Mixed precision unless turned off; on CPU only where oneDNN has native bf16 kernels.
-
-    Without them (e.g. AVX2-only CPUs) bf16 matmuls run several times slower than fp32.
-    """
-    if requested is not None:
-        return requested
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return True
+    return False
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The one decision about dtypes in a run: what the matmuls compute in, whether autocast is on,
+    and whether fp16 gradients need loss scaling. Built once from the device (see precision())."""
+
+    device_type: str
+    compute_dtype: torch.dtype  # float32 when mixed precision is off
+
+    @property
+    def amp(self) -> bool:
+        """Mixed precision: autocast to compute_dtype; weights and optimizer state stay fp32."""
+        return self.compute_dtype != torch.float32
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        """fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it."""
+        return self.compute_dtype == torch.float16
+
+    @property
+    def name(self) -> str:
+        """fp32, bf16 or fp16, as the log and the benches print it."""
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.compute_dtype]
+
+    def autocast(self):
+        """The autocast context of this precision, a no-op in fp32."""
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.compute_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A GradScaler that scales only where needs_grad_scaler (a disabled one passes through)."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.needs_grad_scaler)
+
+
+def precision(device: torch.device, amp: bool | None = None) -> Precision:
+    """Mixed precision unless turned off (amp=False): bf16 where the device has it natively, else
+    fp16 with loss scaling on GPUs. On a CPU without native bf16 (AVX2-only) the default is fp32,
+    since emulated bf16 matmuls run several times slower there; amp=True forces bf16."""
+    if amp is None:
+        amp = device.type != "cpu" or native_bf16(device)
+    if not amp:
+        return Precision(device.type, torch.float32)
+    if device.type == "cpu":
+        return Precision("cpu", torch.bfloat16)
+    return Precision(device.type, torch.bfloat16 if native_bf16(device) else torch.float16)
 
 
 def largest_batch(fits, limit: int = 1024) -> int:
@@ -101,11 +131,6 @@ def cuda_batch_fits(step, device: torch.device, reserve_bytes: float, headroom: 
     return fits
 
 
-def needs_grad_scaler(device: torch.device, amp: bool) -> bool:
-    """fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it."""
-    return amp and amp_dtype(device) == torch.float16
-
-
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3, windows: int = 6) -> float:
     """Measured FLOP/s of a large square matmul on this device: the roofline MFU is quoted against.
 
@@ -113,8 +138,10 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float =
     machine, another job starting) slows some windows, not the machine's peak.
     """
     n = 2048 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # Its own generator: a start-up measurement must not advance the global RNG a resume restored.
+    generator = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     for _ in range(2):  # warm up kernels and clocks
         a @ b
     synchronize(device)
@@ -128,6 +155,23 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float =
             count += 4
         best = max(best, 2 * n ** 3 * count / (time.perf_counter() - start))
     return best
+
+
+def rng_state(device: torch.device) -> dict:
+    """The random generators a resume must restore: the CPU's, and this process's own GPU's (not
+    every visible GPU's, so a run resumes on a machine with fewer GPUs)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore rng_state(); a GPU state is restored only on a GPU."""
+    torch.set_rng_state(state["cpu"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # checkpoints before this change held every visible GPU's state
+        cuda = cuda[0] if cuda else None
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def synchronize(device: torch.device) -> None:
@@ -169,32 +213,6 @@ def use_compile(device: torch.device, requested: bool | None, expected_seconds: 
     return device.type == "cpu" and expected_seconds > CPU_COMPILE_PAYS_AFTER_S and cpp_compiler() is not None
 
 
-def compile_model(model: torch.nn.Module, log) -> "CompiledOrEager":
-    """torch.compile the model; if compilation fails, say so once and run eagerly."""
-    return CompiledOrEager(model, log)
-
-
-class CompiledOrEager:
-    """Calls the compiled model until compilation fails, then the eager one, after one log line."""
-
-    def __init__(self, model: torch.nn.Module, log):
-        self.model = model
-        self.compiled = torch.compile(model) if torch._dynamo.is_dynamo_supported() else None
-        self.log = log
-        if self.compiled is None:
-            log("torch.compile is not supported on this platform; running eagerly")
-
-    def __call__(self, *args, **kwargs):
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args, **kwargs)
-            except torch._dynamo.exc.TorchDynamoException as exc:
-                first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-                self.log(f"torch.compile failed ({type(exc).__name__}: {first_line}); continuing eagerly")
-                self.compiled = None
-        return self.model(*args, **kwargs)
-
-
 # ---- distributed (torchrun) -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -214,22 +232,32 @@ class Distributed:
         return self.world_size > 1
 
 
-def init_distributed(device_spec: str) -> tuple[Distributed, torch.device]:
-    """Join the torchrun job if launched by one (nccl on CUDA, gloo on CPU); pick this rank's device."""
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how this process computes: its place in a torchrun job, its device, its precision."""
+
+    dist: Distributed
+    device: torch.device
+    precision: Precision
+
+
+def setup(device_spec: str = "auto", amp: bool | None = None) -> Runtime:
+    """The one place a process picks its device and precision: joins the torchrun job if launched
+    by one (nccl on CUDA, gloo on CPU, this rank's own GPU), else runs as rank 0 of 1."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_spec)
     if world_size == 1:
-        return Distributed(), pick_device(device_spec)
+        return Runtime(Distributed(), device, precision(device, amp))
     import torch.distributed as dist
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_spec)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
-    return Distributed(rank, world_size, local_rank), device
+    return Runtime(Distributed(rank, world_size, local_rank), device, precision(device, amp))
 
 
 def shutdown_distributed(ctx: Distributed) -> None:
@@ -241,20 +269,65 @@ def shutdown_distributed(ctx: Distributed) -> None:
             dist.destroy_process_group()
 
 
-def parallelize(model: torch.nn.Module, ctx: Distributed, device: torch.device, fsdp: bool) -> torch.nn.Module:
-    """DDP, or FSDP2 (fully_shard per block, then the root) with --fsdp; the model itself in one process."""
-    if not ctx.enabled:
-        return model
-    if fsdp:
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each block in the backward pass instead of keeping its activations.
+
+    Each block is wrapped in place (torch's checkpoint_wrapper, non-reentrant); the wrapper's
+    state-dict hooks keep the parameter names, so checkpoints are unaffected.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
+def parallelize(model: torch.nn.Module, rt: "Runtime", *, grad_ckpt: bool, compile: bool, fsdp: bool,
+                log) -> tuple[torch.nn.Module, Callable]:
+    """Wrap the pure model for training, in torchtitan's order: activation checkpointing per block,
+    then torch.compile, then DDP or FSDP2 (fully_shard per block, then the root) under torchrun.
+
+    Returns the outermost module (what gradient_sync and clip_grad_norm take) and the callable a
+    training step runs: the same module, behind an eager fallback when compiled. The model itself
+    is compiled in place (nn.Module.compile), so its parameter names never change.
+    """
+    if grad_ckpt:
+        apply_activation_checkpointing(model)
+    compiled = compile and torch._dynamo.is_dynamo_supported()
+    if compile and not compiled:
+        log("torch.compile is not supported on this platform; running eagerly")
+    if compiled:
+        model.compile()
+    outer = model
+    if rt.dist.enabled and fsdp:
         from torch.distributed.fsdp import fully_shard
 
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)  # the root holds the tied embedding / head and the final norm
-        return model
-    from torch.nn.parallel import DistributedDataParallel
+    elif rt.dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        outer = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return outer, (EagerFallback(outer, model, log) if compiled else outer)
+
+
+class EagerFallback:
+    """Calls a module whose model was compiled in place; if compilation fails, says so once and
+    runs the model eagerly from then on."""
+
+    def __init__(self, outer: torch.nn.Module, compiled_model: torch.nn.Module, log):
+        self.outer, self.compiled_model, self.log = outer, compiled_model, log
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self.outer(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            if self.compiled_model._compiled_call_impl is None:
+                raise  # already eager: not a compilation failure
+            first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            self.log(f"torch.compile failed ({type(exc).__name__}: {first_line}); continuing eagerly")
+            self.compiled_model._compiled_call_impl = None  # what nn.Module.compile() set: undo it
+            return self.outer(*args, **kwargs)
 
 
 def gradient_sync(model: torch.nn.Module, enabled: bool):

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from l1 import checkpoint, runtime
-from l1.config import ModelConfig, SamplingConfig, model_config_from_dict
+from l1.config import ModelConfig, SamplingConfig
 from l1.errors import L1Error
 from l1.model import GPT, KVCache
 from l1.tokenizer import Tokenizer
@@ -50,31 +50,10 @@ class LoadedModel:
 
 
 def load(model_path: str | None = None, device: str = "auto", models_root: Path = Path("models")) -> LoadedModel:
-    """Load a checkpoint (a file, a run folder's best else latest, or the newest run under models/).
-
-    The tokenizer.json beside the checkpoint must be the one the model was trained with.
-    """
-    target = runtime.pick_device(device)  # a bad --device fails before the checkpoint is read
-    path = checkpoint.find_for_inference(model_path, models_root)
-    state = checkpoint.load_file(path)
-    for key in ("model", "model_config", "tokenizer_fingerprint"):
-        if key not in state:
-            raise checkpoint.CheckpointError(f"{path} has no {key!r}: not a checkpoint L1 can sample from")
-    tokenizer_path = path.parent / "tokenizer.json"
-    tokenizer = Tokenizer.load(tokenizer_path)
-    if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
-        raise L1Error(f"{tokenizer_path} (fingerprint {tokenizer.fingerprint}) is not the tokenizer this model "
-                      f"was trained with ({state['tokenizer_fingerprint']}); restore the run's own tokenizer.json")
-    cfg = model_config_from_dict(state["model_config"], origin=str(path))
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise L1Error(f"{tokenizer_path} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
-    model = GPT(cfg)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:  # missing, unexpected or misshapen weights
-        first = str(exc).strip().splitlines()[-1].strip()[:200]
-        raise checkpoint.CheckpointError(f"{path}: its weights do not fit its model_config ({first})") from None
-    return LoadedModel(prepare(model, target), tokenizer, path, int(state.get("step", 0)), target)
+    """Load a run for sampling (see checkpoint.load_run) onto the device."""
+    rt = runtime.setup(device)  # a bad --device fails before the checkpoint is read
+    run = checkpoint.load_run(model_path, models_root)
+    return LoadedModel(prepare(run.model(), rt.device), run.tokenizer, run.path, run.step, rt.device)
 
 
 def prepare(model: GPT, device: torch.device) -> GPT:
@@ -84,7 +63,7 @@ def prepare(model: GPT, device: torch.device) -> GPT:
     a single decoding row then multiplies through MKL's streaming gemv variant, measured ~30%
     faster at batch 1 than the row-major dot-product one, and no different for larger batches.
     """
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" and runtime.native_bf16(device) else torch.float32
     model = model.to(device=device, dtype=dtype).eval()
     if device.type == "cpu":
         with torch.no_grad():

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from l1 import checkpoint, config, plot, runtime
 from l1.checkpoint import CheckpointManager
 from l1.config import TrainConfig
-from l1.data import BatchIterator, eval_batches, prepare
+from l1.data import BatchIterator, PreparedData, eval_batches, prepare
 from l1.errors import L1Error
 from l1.model import GPT
 
@@ -53,7 +53,10 @@ def configure(overrides: dict, file_values: dict | None = None, fresh: bool = Fa
     if stored_path.is_file():
         stored = config.load_json(stored_path)
         _check_config_json(out / "config.json", stored.get("model", {}))
-    return config.resolve(overrides, stored, file_values)
+    cfg = config.resolve(overrides, stored, file_values)
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise L1Error("--tensorboard needs the tensorboard package: pip install tensorboard")
+    return cfg
 
 
 def _check_config_json(path: Path, stored_model: dict) -> None:
@@ -197,73 +200,138 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train (or resume) the run in cfg.run_dir until max_steps, max_minutes or a stop signal."""
-    run = _Run(cfg)
+    """Train (or resume) the run in cfg.run_dir until max_steps, max_minutes or a stop signal.
+
+    The set-up, in order: device and precision (runtime.setup), the run folder and its log, the
+    prepared corpus, the micro-batch size (--batch_size auto), then the run itself.
+    """
+    rt = runtime.setup(cfg.device, cfg.amp)
+    if cfg.batch_size == 0 and rt.device.type != "cuda":
+        raise L1Error("--batch_size auto probes GPU memory and needs CUDA; give a number instead")
+    lock = None
     try:
-        return run.run()
+        writes_files = rt.dist.is_main  # only the main rank writes files
+        if writes_files:
+            _make_run_dir(cfg.run_dir)
+            lock = checkpoint.RunLock(cfg.run_dir).acquire()  # one trainer per folder, for the whole run
+        runtime.barrier(rt.dist)
+        logger = _make_logger(cfg.run_dir, writes_files)
+        data = _prepare_data(cfg, rt.dist, logger.info)
+        if cfg.batch_size == 0:
+            cfg = auto_batch_size(cfg, rt, logger.info)
+        return _Run(cfg, rt, data, logger.info).run()
     finally:
-        if run.lock:
-            run.lock.release()
+        if lock:
+            lock.release()
+        runtime.shutdown_distributed(rt.dist)
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    """Create the run folder and prove it writable before any work goes into it."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise L1Error(f"run folder {run_dir} is not writable ({exc.strerror}); choose another --out") from None
+
+
+def _prepare_data(cfg: TrainConfig, dist: runtime.Distributed, log) -> PreparedData:
+    """The prepared corpus (the main rank prepares, the others then reuse its files); the run's
+    tokenizer.json is written beside its checkpoints."""
+    data_cfg = cfg.data
+    run_tokenizer = cfg.run_dir / "tokenizer.json"
+    if not data_cfg.tokenizer and run_tokenizer.is_file():
+        # A resumed run keeps its own tokenizer even if the prepared corpus was deleted.
+        data_cfg = dataclasses.replace(data_cfg, tokenizer=str(run_tokenizer))
+    if not dist.is_main:
+        runtime.barrier(dist)
+    data = prepare(data_cfg, cfg.model.vocab_size, cfg.seed, log=log)
+    if dist.is_main:
+        runtime.barrier(dist)
+        data.tokenizer.save(run_tokenizer)
+    return data
+
+
+def auto_batch_size(cfg: TrainConfig, rt: runtime.Runtime, log) -> TrainConfig:
+    """--batch_size auto: the config with the largest micro-batch that fits this GPU, found by a
+    short probe; grad_accum keeps the tokens per step of the preset's own batch. The sizes found
+    are stored with the run (training_args.json)."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model).to(rt.device)
+
+    def step(batch: int) -> None:
+        x = torch.randint(0, cfg.model.vocab_size, (batch, cfg.context), device=rt.device)
+        with rt.precision.autocast():
+            model(x, x).backward()
+        model.zero_grad(set_to_none=True)
+
+    optimizer_bytes = 2 * 4 * cfg.model.num_params  # AdamW's two fp32 moments
+    batch = runtime.largest_batch(runtime.cuda_batch_fits(step, rt.device, optimizer_bytes), limit=512)
+    del model
+    if batch == 0:
+        raise L1Error(f"not even one sequence of {cfg.context} tokens fits this GPU; try --grad_ckpt, "
+                      "a shorter --seq_len or a smaller preset")
+    world = rt.dist.world_size
+    wanted = config.preset_dict(cfg.preset).get("batch_size", TrainConfig.batch_size) * cfg.grad_accum
+    accum = max(world, round(wanted / batch / world) * world)
+    log(f"--batch_size auto: {batch} sequences of {cfg.context} tokens fit this GPU; grad_accum {accum}")
+    return dataclasses.replace(cfg, batch_size=batch, grad_accum=accum)
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+    """One training run, set up in __init__ in a fixed order: batches, the checkpoint to resume
+    from, the compile decision, the model and its wrappers, the optimizers, then the resumed state."""
+
+    def __init__(self, cfg: TrainConfig, rt: runtime.Runtime, data: PreparedData, log):
+        self.cfg, self.rt, self.data, self.log = cfg, rt, data, log
+        self.dist, self.device, self.precision = rt.dist, rt.device, rt.precision
+        self.writes_files = rt.dist.is_main
         self.run_dir = cfg.run_dir
-        self.dist, self.device = runtime.init_distributed(cfg.device)
-        self.main = self.dist.is_main  # only the main rank writes files
+        self.tokenizer = data.tokenizer
         if cfg.grad_accum % self.dist.world_size:
             raise L1Error(f"--grad_accum {cfg.grad_accum} must be a multiple of the {self.dist.world_size} "
                           "processes, so that every world size trains on the same global batch")
         self.accum = cfg.grad_accum // self.dist.world_size  # micro-steps per rank and optimizer step
-        self.lock = None
-        if self.main:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                self.lock = checkpoint.RunLock(self.run_dir).acquire()  # before anything writes here
-                probe = self.run_dir / ".write-test"
-                probe.write_text("")
-                probe.unlink()
-            except OSError as exc:
-                raise L1Error(f"run folder {self.run_dir} is not writable ({exc.strerror}); "
-                              "choose another --out") from None
-        runtime.barrier(self.dist)
-        self.logger = _make_logger(self.run_dir, self.main)
-        self.log = self.logger.info
-        self.amp = runtime.use_amp(self.device, cfg.amp)
-        self.manager = CheckpointManager(self.run_dir, cfg.keep, log=self.log)
-        if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-            raise L1Error("--tensorboard needs the tensorboard package: pip install tensorboard")
-        if cfg.batch_size == 0 and self.device.type != "cuda":
-            raise L1Error("--batch_size auto probes GPU memory and needs CUDA; give a number instead")
+        self.tokens_per_step = cfg.batch_size * cfg.context * cfg.grad_accum  # global, any world size
+        self.batches = self._make_batches()
 
-    # -- set-up --
+        self.manager = CheckpointManager(self.run_dir, cfg.keep, log=log)
+        resumed = self.manager.load_latest(self._refusal, log=log, map_location="cpu")
+        state, self.resumed_from = resumed if resumed else (None, None)
+        self.step = state["step"] if state else 0
 
-    def _prepare_data(self):
-        data_cfg = self.cfg.data
-        run_tokenizer = self.run_dir / "tokenizer.json"
-        if not data_cfg.tokenizer and run_tokenizer.is_file():
-            # A resumed run keeps its own tokenizer even if the prepared corpus was deleted.
-            data_cfg = dataclasses.replace(data_cfg, tokenizer=str(run_tokenizer))
-        if not self.main:
-            runtime.barrier(self.dist)  # the main rank prepares; the others then reuse its files
-        self.data = prepare(data_cfg, self.cfg.model.vocab_size, self.cfg.seed, log=self.log)
-        if self.main:
-            runtime.barrier(self.dist)
-        self.tokenizer = self.data.tokenizer
-        if self.main:
-            self.tokenizer.save(run_tokenizer)
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(cfg.model).to(self.device)
+        self.flops_per_token = self.model.flops_per_token(cfg.context)
+        self.peak = runtime.matmul_peak_flops(self.device, self.precision.compute_dtype)
+        self.remaining_seconds = self._remaining_seconds()
+        expected = min(self.remaining_seconds, cfg.max_minutes * 60) if cfg.max_minutes else self.remaining_seconds
+        self.compiled = runtime.use_compile(self.device, cfg.compile, expected)
+        self.wrapped, self.forward = runtime.parallelize(self.model, rt, grad_ckpt=cfg.grad_ckpt,
+                                                         compile=self.compiled, fsdp=cfg.fsdp, log=log)
+        self.compiled = self.forward is not self.wrapped  # False where torch.compile is unsupported
+        self.optimizers = _optimizers(self.model, cfg, self.device)
+        self.scaler = self.precision.grad_scaler()
+        self.tokens_seen, self.best_val, self.saved_step = 0, float("inf"), -1
+        if state:
+            self._load_state(state)
+            log(f"resumed from {self.resumed_from.name} at step {self.step} (epoch {self.batches.epoch}, "
+                f"{self.tokens_seen:,} tokens seen)")
 
-    def _make_batches(self):
-        self.batches = BatchIterator(self.data.tokens("train"), self.cfg.context, self.cfg.batch_size,
-                                     self.cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
-        val_windows = (len(self.data.tokens("val")) - 1) // self.cfg.context
-        needed = self.cfg.batch_size * self.dist.world_size
+    def _make_batches(self) -> BatchIterator:
+        cfg = self.cfg
+        batches = BatchIterator(self.data.tokens("train"), cfg.context, cfg.batch_size, cfg.seed,
+                                rank=self.dist.rank, world_size=self.dist.world_size)
+        val_windows = (len(self.data.tokens("val")) - 1) // cfg.context
+        needed = cfg.batch_size * self.dist.world_size
         if val_windows < needed:
-            raise L1Error(f"the validation split holds {val_windows} sequences of {self.cfg.context} tokens, "
+            raise L1Error(f"the validation split holds {val_windows} sequences of {cfg.context} tokens, "
                           f"fewer than one evaluation batch ({needed}); raise --val_fraction or use more data")
+        return batches
 
-    def _compatible(self, state: dict) -> str | None:
+    def _refusal(self, state: dict) -> str | None:
         """Why a checkpoint cannot continue this run, or None."""
         ours = dataclasses.asdict(self.cfg.model)
         theirs = state.get("model_config", {})
@@ -275,75 +343,14 @@ class _Run:
                     f"not {self.tokenizer.fingerprint}")
         return None
 
-    def _build(self):
-        cfg = self.cfg
-        torch.manual_seed(cfg.seed)
-        self.model = GPT(cfg.model).to(self.device)
-        self.model.grad_ckpt = cfg.grad_ckpt
-        self.wrapped = runtime.parallelize(self.model, self.dist, self.device, cfg.fsdp)
-        if cfg.optimizer == "muon" and cfg.fsdp:
-            raise L1Error("--optimizer muon does not work with --fsdp (sharded matrices); use DDP or adamw")
-        self.optimizers = _optimizers(self.model, cfg, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=runtime.needs_grad_scaler(self.device, self.amp))
-        if cfg.batch_size == 0:
-            self._auto_batch_size()
-            cfg = self.cfg
-        self._make_batches()
-        self.step, self.tokens_seen, self.best_val = 0, 0, float("inf")
-        self.saved_step = -1
-        resumed = self.manager.load_latest(self._compatible, log=self.log, map_location="cpu")
-        if resumed:
-            state, path = resumed
-            runtime.load_states(self.model, self.optimizers, state["model"], state["optimizer"])
-            self.scaler.load_state_dict(state["scaler"])
-            self.batches.load_state_dict(state["data_state"])
-            self.step, self.tokens_seen, self.best_val = state["step"], state["tokens_seen"], state["best_val_loss"]
-            torch.set_rng_state(state["rng"]["cpu"])
-            if self.device.type == "cuda" and state["rng"]["cuda"]:
-                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-            self.log(f"resumed from {path.name} at step {self.step} (epoch {self.batches.epoch}, "
-                     f"{self.tokens_seen:,} tokens seen)")
-        self.tokens_per_step = cfg.batch_size * cfg.context * cfg.grad_accum  # global, any world size
-        self.flops_per_token = self.model.flops_per_token(cfg.context)
-        self.matmul_dtype = runtime.amp_dtype(self.device) if self.amp else torch.float32
-        self.peak = runtime.matmul_peak_flops(self.device, self.matmul_dtype)
-        expected = self._remaining_seconds()
-        if cfg.max_minutes:
-            expected = min(expected, cfg.max_minutes * 60)
-        compile_on = runtime.use_compile(self.device, cfg.compile, expected)
-        self.forward = runtime.compile_model(self.wrapped, self.log) if compile_on else self.wrapped
-
     def _remaining_seconds(self) -> float:
         """A rough duration of the remaining steps, from the matmul roofline at a CPU-like MFU."""
         remaining = (self.cfg.max_steps - self.step) * self.tokens_per_step * self.flops_per_token
         return remaining / (self.peak * ASSUMED_CPU_MFU)
 
-    def _auto_batch_size(self) -> None:
-        """--batch_size auto: the largest micro-batch that fits this GPU; grad_accum keeps the
-        tokens per step of the preset's own batch. The result is stored with the run."""
-        cfg = self.cfg
-
-        def step(batch: int) -> None:
-            x = torch.randint(0, cfg.model.vocab_size, (batch, cfg.context), device=self.device)
-            with runtime.autocast(self.device, self.amp):
-                self.model(x, x).backward()
-            self.model.zero_grad(set_to_none=True)
-
-        optimizer_bytes = 2 * 4 * self.model.num_params()  # AdamW's two fp32 moments
-        batch = runtime.largest_batch(runtime.cuda_batch_fits(step, self.device, optimizer_bytes), limit=512)
-        if batch == 0:
-            raise L1Error(f"not even one sequence of {cfg.context} tokens fits this GPU; try --grad_ckpt, "
-                          "a shorter --seq_len or a smaller preset")
-        wanted = config.preset_dict(cfg.preset).get("batch_size", TrainConfig.batch_size) * cfg.grad_accum
-        accum = max(self.dist.world_size, round(wanted / batch / self.dist.world_size) * self.dist.world_size)
-        self.cfg = dataclasses.replace(cfg, batch_size=batch, grad_accum=accum)
-        self.accum = accum // self.dist.world_size
-        self.log(f"--batch_size auto: {batch} sequences of {cfg.context} tokens fit this GPU; "
-                 f"grad_accum {accum}")
-
     def _state(self) -> dict:
-        """Everything a resume needs (a collective under FSDP: every rank calls it)."""
-        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
+        """Everything a resume needs (a collective under FSDP: every rank calls it); _load_state is
+        its mirror."""
         return {
             "model": runtime.model_state(self.model),
             "optimizer": runtime.optimizer_state(self.model, self.optimizers),
@@ -354,56 +361,61 @@ class _Run:
             "data_state": self.batches.state_dict(),
             "tokens_seen": self.tokens_seen,
             "best_val_loss": self.best_val,
-            "rng": {"cpu": torch.get_rng_state(), "cuda": cuda_rng},
+            "rng": runtime.rng_state(self.device),
             "model_config": dataclasses.asdict(self.cfg.model),
             "train_config": self.cfg.to_dict(),
             "tokenizer_fingerprint": self.tokenizer.fingerprint,
         }
 
+    def _load_state(self, state: dict) -> None:
+        """Restore what _state() saved: weights, optimizer, scaler, data position, counters, RNG."""
+        runtime.load_states(self.model, self.optimizers, state["model"], state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.batches.load_state_dict(state["data_state"])
+        self.step, self.tokens_seen, self.best_val = state["step"], state["tokens_seen"], state["best_val_loss"]
+        runtime.set_rng_state(state["rng"], self.device)
+
     def _announce(self):
-        cfg, model = self.cfg, self.model
-        dtype = self.matmul_dtype
-        self.log(f"model {cfg.preset}: {model.num_params():,} parameters "
-                 f"({model.num_params(exclude_padding=True):,} without the padded vocab rows), "
+        cfg = self.cfg
+        self.log(f"model {cfg.preset}: {cfg.model.num_params:,} parameters "
+                 f"({cfg.model.num_params_unpadded:,} without the padded vocab rows), "
                  f"{cfg.model.n_layer} layers x {cfg.model.n_embd} wide, {cfg.model.n_head} heads, "
                  f"vocab {cfg.model.vocab_size}")
         if self.dist.enabled:
             self.log(f"distributed: {self.dist.world_size} processes, {'FSDP2' if cfg.fsdp else 'DDP'}, "
                      f"{self.accum} micro-steps each per optimizer step")
-        self.log(f"device {self.device}, precision {dtype if self.amp else 'fp32'}"
-                 f"{' autocast' if self.amp else ''}, compile {'on' if self.forward is not model else 'off'}, "
+        amp = self.precision
+        self.log(f"device {self.device}, precision {amp.compute_dtype if amp.amp else 'fp32'}"
+                 f"{' autocast' if amp.amp else ''}, compile {'on' if self.compiled else 'off'}, "
                  f"grad checkpointing {'on' if cfg.grad_ckpt else 'off'}, "
                  f"{self.tokens_per_step:,} tokens/step, matmul roofline {self.peak / 1e12:.3g} TFLOP/s")
         if not HAS_MATPLOTLIB:
             self.log("matplotlib is not installed: no loss.png (pip install matplotlib to get it)")
         if self.device.type != "cuda":
             self.log(f"no CUDA GPU: training on {self.device}; the remaining {cfg.max_steps - self.step} "
-                     f"steps of {cfg.preset} would take about {_duration(self._remaining_seconds())} here")
+                     f"steps of {cfg.preset} would take about {_duration(self.remaining_seconds)} here")
 
     # -- the loop --
 
     def run(self) -> TrainResult:
         cfg = self.cfg
-        self._prepare_data()
-        self._build()
-        if self.main:  # after the build: --batch_size auto is stored as the size it found
-            config.save_json(self.cfg.to_dict(), self.run_dir / TRAINING_ARGS)
+        if self.writes_files:  # --batch_size auto is stored as the size it found
+            config.save_json(cfg.to_dict(), self.run_dir / TRAINING_ARGS)
             config.save_json(dataclasses.asdict(cfg.model), self.run_dir / "config.json")
         self._announce()
-        self.metrics = _Metrics(self.run_dir, self.main, cfg.tensorboard)
+        self.metrics = _Metrics(self.run_dir, self.writes_files, cfg.tensorboard)
         val_loss = None
         try:
             with _StopFlag(self.log) as stop, self.manager:  # the last save is on disk before the end
                 val_loss, stopped = self._loop(stop)
         finally:
             self.metrics.close()
-            runtime.shutdown_distributed(self.dist)
         return TrainResult(self.step, stopped, self.best_val, val_loss, self.run_dir)
 
     def _loop(self, stop: _StopFlag) -> tuple[float | None, bool]:
         cfg = self.cfg
         started = time.monotonic()
-        bad_in_a_row, val_loss, window = 0, None, _Window()
+        bad_in_a_row, val_loss, window = 0, None, _StepAverages()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=None)
         self.model.train()
@@ -444,7 +456,7 @@ class _Run:
             return not math.isfinite(loss)
         return not (math.isfinite(loss) and math.isfinite(grad_norm))
 
-    def _after_step(self, window: "_Window", loss: float, grad_norm: float, val_loss: float | None):
+    def _after_step(self, window: "_StepAverages", loss: float, grad_norm: float, val_loss: float | None):
         """Count the step; log, evaluate and save on their schedules. Returns the latest val loss."""
         cfg = self.cfg
         self.step += 1
@@ -479,7 +491,7 @@ class _Run:
             x, y = self.batches.next()
             x, y = _to_device(x, device), _to_device(y, device)
             with runtime.gradient_sync(self.wrapped, enabled=micro == self.accum - 1):
-                with runtime.autocast(device, self.amp):
+                with self.precision.autocast():
                     loss = self.forward(x, y, z_loss=self.cfg.z_loss) / self.accum
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
@@ -507,7 +519,7 @@ class _Run:
         totals = torch.zeros(2, device=device)  # loss sum, batch count: reduced over ranks together
         for x, y in eval_batches(self.data.tokens("val"), cfg.context, cfg.batch_size, cfg.eval_batches,
                                  rank=self.dist.rank, world_size=self.dist.world_size):
-            with runtime.autocast(device, self.amp):
+            with self.precision.autocast():
                 totals[0] += self.forward(_to_device(x, device), _to_device(y, device)).float()
             totals[1] += 1
         self.model.train()
@@ -519,7 +531,7 @@ class _Run:
                  f"bits/byte {bpb:.4f} ({time.perf_counter() - started:.1f}s)")
         self.metrics.write(kind="eval", step=self.step, epoch=self.batches.epoch, val_loss=val_loss,
                            val_ppl=ppl, val_bpb=bpb, tokens_seen=self.tokens_seen, time=time.time())
-        if self.main and HAS_MATPLOTLIB:
+        if self.writes_files and HAS_MATPLOTLIB:
             try:
                 plot.plot_run(self.run_dir)
             except L1Error as exc:  # a missing picture must not stop training
@@ -528,7 +540,7 @@ class _Run:
 
     def _save(self, rolling: bool, best: bool) -> None:
         state = self._state()
-        if not self.main:
+        if not self.writes_files:
             return
         seconds = self.manager.save(state, rolling=rolling, best=best)
         self.saved_step = self.step
@@ -549,7 +561,7 @@ class _Run:
                            memory_bytes=memory, tokens_seen=self.tokens_seen, time=time.time())
 
 
-class _Window:
+class _StepAverages:
     """Averages of the steps since the last log line."""
 
     def __init__(self):

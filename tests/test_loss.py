@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from l1 import loss as loss_module
 from l1.loss import linear_cross_entropy
 from l1.model import GPT, causal_matmul_attention
-from l1.runtime import autocast
+from l1.runtime import precision
 
 from tests.test_model import SMALL
 
@@ -92,7 +92,7 @@ def test_bf16_training_follows_the_fp32_loss_curve():
             # Each sequence counts up from a random start: predictable, so the loss falls far.
             start = torch.randint(0, SMALL.vocab_size, (8, 1), generator=generator)
             data = (start + torch.arange(33)) % SMALL.vocab_size
-            with autocast(torch.device("cpu"), amp):
+            with precision(torch.device("cpu"), amp).autocast():
                 loss = model(data[:, :-1], data[:, 1:])
             loss.backward()
             optimizer.step()

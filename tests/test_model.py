@@ -5,6 +5,7 @@ import torch
 
 from l1.config import ModelConfig, resolve
 from l1.hf import to_llama
+from l1 import runtime
 from l1.model import GPT, KVCache, _RMSNormFunction
 
 SMALL = ModelConfig(vocab_size=300, n_layer=2, n_head=4, n_embd=64, block_size=64)
@@ -92,6 +93,17 @@ def test_preset_parameter_counts():
     assert counts == {"l1-gpu-compatible": 155_804_672, "l1-v1": 20_978_176, "tiny": 4_458_752}
 
 
+@pytest.mark.parametrize("shape", [dict(), dict(qk_norm=True), dict(vocab_size=300, pad_vocab_to=128),
+                                   dict(intermediate_size=200, n_layer=3)])
+def test_config_parameter_count_matches_the_built_model(shape):
+    """ModelConfig's arithmetic (used by the trainer's log and l1.info) against the real tensors."""
+    cfg = ModelConfig(**{**dict(vocab_size=320, n_layer=2, n_head=4, n_embd=64, block_size=32), **shape})
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert cfg.num_params == model.num_params()
+    assert cfg.num_params_unpadded == model.num_params(exclude_padding=True)
+
+
 def test_embedding_rows_are_padded_and_tied():
     model = small_model()
     assert model.embed.weight.shape[0] == 320 and model.lm_head.weight is model.embed.weight
@@ -130,7 +142,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
         model = small_model().train()
-        model.grad_ckpt = ckpt
+        if ckpt:
+            runtime.apply_activation_checkpointing(model)
         model(idx, targets).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for plain, recomputed in zip(*grads):

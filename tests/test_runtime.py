@@ -30,9 +30,44 @@ def test_unknown_or_missing_devices_are_refused():
 
 def test_amp_defaults_follow_the_hardware():
     cpu = torch.device("cpu")
-    assert runtime.use_amp(cpu, None) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    assert runtime.use_amp(cpu, False) is False and runtime.use_amp(cpu, True) is True
-    assert runtime.amp_dtype(cpu) == torch.bfloat16 and not runtime.needs_grad_scaler(cpu, True)
+    assert runtime.precision(cpu, None).amp == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert runtime.precision(cpu, False).amp is False and runtime.precision(cpu, True).amp is True
+    forced = runtime.precision(cpu, True)
+    assert forced.compute_dtype == torch.bfloat16 and not forced.needs_grad_scaler
+
+
+def test_emulated_bf16_gets_fp16_with_loss_scaling(monkeypatch):
+    """A GPU whose bf16 is only emulated (T4, V100, RTX 20xx) trains in fp16 with a GradScaler;
+    one with native bf16 in bf16 without; --no-amp in fp32. Decided on native support alone."""
+    cuda = torch.device("cuda")
+    asked = []
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return including_emulation or native  # emulation "supports" bf16 everywhere
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    for native, dtype, scaled in ((False, torch.float16, True), (True, torch.bfloat16, False)):
+        chosen = runtime.precision(cuda, None)
+        assert (chosen.compute_dtype, chosen.needs_grad_scaler, chosen.amp) == (dtype, scaled, True)
+    assert asked and not any(asked)
+    off = runtime.precision(cuda, False)
+    assert off.compute_dtype == torch.float32 and not off.needs_grad_scaler and off.name == "fp32"
+
+
+def test_precision_autocast_computes_in_its_dtype():
+    x = torch.randn(4, 8)
+    for amp, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        with runtime.precision(torch.device("cpu"), amp).autocast():
+            assert (x @ x.T).dtype == dtype
+
+
+def test_roofline_probe_leaves_the_global_rng_alone():
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    runtime.matmul_peak_flops(torch.device("cpu"), torch.float32, seconds=0.01, windows=1)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_compile_defaults_to_where_it_pays(monkeypatch):
@@ -45,3 +80,47 @@ def test_compile_defaults_to_where_it_pays(monkeypatch):
     assert runtime.use_compile(cpu, None, long) and not runtime.use_compile(cpu, None, short)
     monkeypatch.setattr(runtime.shutil, "which", lambda name: None)  # no C++ compiler: inductor cannot run
     assert runtime.cpp_compiler() is None and not runtime.use_compile(cpu, None, long)
+
+
+def _tiny_gpt():
+    from l1.config import ModelConfig
+    from l1.model import GPT
+
+    torch.manual_seed(0)
+    return GPT(ModelConfig(vocab_size=320, n_layer=2, n_head=2, n_embd=64, block_size=32))
+
+
+def test_activation_checkpointing_is_applied_from_outside_and_keeps_names():
+    model = _tiny_gpt()
+    names = list(model.state_dict())
+    rt = runtime.setup("cpu", amp=False)
+    outer, forward = runtime.parallelize(model, rt, grad_ckpt=True, compile=False, fsdp=False, log=print)
+    assert outer is model and forward is model
+    assert all(type(block).__name__ == "CheckpointWrapper" for block in model.blocks)
+    assert list(model.state_dict()) == names  # checkpoints cannot tell the difference
+    plain = _tiny_gpt()
+    idx = torch.randint(0, 320, (2, 16))
+    model(idx, idx).backward()
+    plain(idx, idx).backward()
+    for (name, p), q in zip(model.state_dict(keep_vars=True).items(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_a_failed_compilation_falls_back_to_eager_once():
+    model = _tiny_gpt()
+    idx = torch.randint(0, 320, (1, 8))
+    with torch.no_grad():
+        expected = model(idx)
+    lines = []
+    outer, forward = runtime.parallelize(model, runtime.setup("cpu", amp=False), grad_ckpt=False,
+                                         compile=True, fsdp=False, log=lines.append)
+    assert model._compiled_call_impl is not None  # compiled in place: no wrapper, same names
+
+    def broken(*args, **kwargs):
+        raise torch._dynamo.exc.Unsupported("a construct inductor cannot lower")
+
+    model._compiled_call_impl = broken
+    with torch.no_grad():
+        torch.testing.assert_close(forward(idx), expected)
+        torch.testing.assert_close(forward(idx), expected)
+    assert len(lines) == 1 and "continuing eagerly" in lines[0] and "inductor cannot lower" in lines[0]

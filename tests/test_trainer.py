@@ -153,8 +153,7 @@ def test_interrupted_save_leaves_older_checkpoints_loadable(corpus, tmp_path, mo
         raise KeyboardInterrupt  # the process dies in the middle of writing
 
     monkeypatch.setattr(torch, "save", torn_save)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_args(corpus, tmp_path, max_steps=8))
+    assert train(tiny_args(corpus, tmp_path, max_steps=8)) == 130  # the interrupt reaches the entry point
     monkeypatch.undo()
     after = load_file(run / "latest_checkpoint.pt")
     assert after["step"] == before["step"] == 4
@@ -246,3 +245,27 @@ def test_compiled_run_matches_eager(corpus, tmp_path):
         losses[flag] = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses["--compile"]) == 4
     assert losses["--compile"] == pytest.approx(losses["--no-compile"], abs=1e-3)
+
+
+def test_ctrl_c_outside_the_loop_is_one_line_and_exit_130(corpus, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C during data preparation (before the trainer's own stop handling) ends in one
+    line, exit status 130, no traceback."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "prepare", interrupted)
+    assert train(tiny_args(corpus, tmp_path)) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted" and "Traceback" not in err
+
+
+def test_gradient_checkpointing_run_trains_like_the_plain_one(corpus, tmp_path):
+    losses = {}
+    for flag in ("--no-grad_ckpt", "--grad_ckpt"):
+        out = tmp_path / flag.strip("-")
+        assert train(tiny_args(corpus, out, max_steps=4, log_every=1, eval_every=4) + [flag, "--no-amp"]) == 0
+        records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+        losses[flag] = [r["loss"] for r in records if r["kind"] == "train"]
+        assert f"grad checkpointing {'on' if flag == '--grad_ckpt' else 'off'}" in (
+            out / "run" / "training.log").read_text()
+    assert losses["--grad_ckpt"] == pytest.approx(losses["--no-grad_ckpt"], rel=1e-5)
