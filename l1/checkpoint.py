@@ -2,8 +2,10 @@
 
 A checkpoint is a plain dict of tensors and Python values that loads with
 torch.load(weights_only=True): no pickled code. It carries a format version and a SHA-256 of its
-own contents, so a flipped byte or a truncated file is detected instead of trusted. This module
-knows state dicts and files, not training.
+own contents, so a flipped byte or a truncated file is detected instead of trusted, and the id
+of the run that wrote it, so another run's checkpoint is never resumed. Saving snapshots the state
+and writes it in a background thread; a run holds an OS lock on its folder. This module knows
+state dicts and files, not training.
 """
 
 from __future__ import annotations
@@ -97,8 +99,12 @@ def _write_sealed(payload: dict, path: Path) -> None:
     try:
         _write_atomic(path, lambda f: torch.save(payload, f))
     except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}; the older "
-                              "checkpoints are intact: free space or fix the folder, then resume") from None
+        raise _cannot_write(f"checkpoint {path}", exc, "the older checkpoints are") from None
+
+
+def _cannot_write(what: str, exc: OSError, intact: str) -> CheckpointError:
+    return CheckpointError(f"cannot write {what}: {exc.strerror or exc}; {intact} intact: free space or "
+                           "fix the folder, then resume")
 
 
 def _write_atomic(path: Path, write: Callable) -> None:
@@ -170,12 +176,12 @@ class _Snapshot:
         self.buffers: list[torch.UntypedStorage] = []
 
     def take(self, state: dict) -> dict:
-        self.used, self.cuda, memo = 0, False, {}
-        copy = self._copy(state, memo)
-        if self.cuda:
-            torch.cuda.synchronize()
+        self.used, self.cuda_devices, memo = 0, set(), {}
+        snapshot = self._copy(state, memo)
+        for device in self.cuda_devices:  # the non-blocking copies have landed
+            torch.cuda.synchronize(device)
         del self.buffers[self.used:]
-        return copy
+        return snapshot
 
     def _copy(self, value, memo: dict):
         if isinstance(value, torch.Tensor):
@@ -195,7 +201,8 @@ class _Snapshot:
 
     def _storage_copy(self, source: torch.UntypedStorage) -> torch.UntypedStorage:
         pinned = source.device.type == "cuda"
-        self.cuda |= pinned
+        if pinned:
+            self.cuda_devices.add(source.device)
         i, self.used = self.used, self.used + 1
         if i < len(self.buffers) and self.buffers[i].nbytes() == source.nbytes() and self.buffers[i].is_pinned() == pinned:
             buffer = self.buffers[i]
@@ -310,8 +317,7 @@ class CheckpointManager:
                 _copy(self.latest, self.best)
             _fsync_dir(self.dir)
         except OSError as exc:
-            raise CheckpointError(f"cannot write checkpoints in {self.dir}: {exc.strerror or exc}; "
-                                  f"{LATEST} is intact: free space or fix the folder, then resume") from None
+            raise _cannot_write(f"checkpoints in {self.dir}", exc, f"{LATEST} is") from None
         done = time.perf_counter()
         self.log(f"saved {', '.join(names)} at step {state.get('step')} in {done - start:.2f}s (checksum "
                  f"{sealed - start:.2f}s, write {written - sealed:.2f}s, copies {done - written:.2f}s)")
@@ -371,8 +377,7 @@ def _write_run_id(run_dir: Path, run_id: str) -> None:
     try:
         _write_atomic(Path(run_dir) / RUN_ID, lambda f: f.write(f"{run_id}\n".encode()))
     except OSError as exc:
-        raise CheckpointError(f"cannot write {Path(run_dir) / RUN_ID}: {exc.strerror or exc}; the "
-                              "checkpoints are intact: free space or fix the folder, then resume") from None
+        raise _cannot_write(str(Path(run_dir) / RUN_ID), exc, "the checkpoints are") from None
 
 
 class RunLock:

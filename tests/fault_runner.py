@@ -4,8 +4,8 @@ L1_FAULT=<kind>:<n> makes the n-th occurrence of an event fail:
   step          SIGKILL inside the n-th forward pass (mid training step)
   eval          SIGKILL in the middle of the n-th evaluation
   mid_write     SIGKILL after half of the n-th checkpoint is written to its temporary file
-  overlap       the same, but only once training has run on past that save (a forward pass after
-                it), while the background writer is at work: the kill lands mid-write and mid-step
+  overlap       the same, in the background writer, once training has run on past that save (a
+                forward pass after it): the kill lands mid-write while the next steps train
   before_rename SIGKILL between the n-th complete temporary write and its rename
   copy          SIGKILL in the middle of the n-th rolling/best copy
   enospc        the n-th checkpoint write fails with "No space left on device"
