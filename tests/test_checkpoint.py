@@ -5,7 +5,6 @@ import copy
 import errno
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -297,4 +296,3 @@ def test_bench_checkpoint_smoke(tmp_path):
     assert [r["kind"] for r in records] == ["setup", "mode", "mode", "summary"]
     assert all(len(r["held_s"]) == 2 and r["write_s"]["write"] > 0 for r in records[1:3])
     assert records[-1]["held_ratio"] > 0 and not list(tmp_path.iterdir())  # its folder removed
-    shutil.rmtree(tmp_path, ignore_errors=True)
