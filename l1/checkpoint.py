@@ -2,18 +2,23 @@
 
 A checkpoint is a plain dict of tensors and Python values that loads with
 torch.load(weights_only=True): no pickled code. It carries a format version and a SHA-256 of its
-own contents, so a flipped byte or a truncated file is detected instead of trusted. This module
-knows state dicts and files, not training.
+own contents, so a flipped byte or a truncated file is detected instead of trusted, and the id
+of the run that wrote it, so another run's checkpoint is never resumed. Saving snapshots the state
+and writes it in a background thread; a run holds an OS lock on its folder. This module knows
+state dicts and files, not training.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import pickle
 import re
 import shutil
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,6 +34,8 @@ FORMAT_VERSION = 1
 LATEST = "latest_checkpoint.pt"
 BEST = "best_checkpoint.pt"
 ROLLING = re.compile(r"checkpoint_epoch_(\d+)_step_(\d+)\.pt")
+RUN_ID = "run_id.txt"  # the run's identity, created with its first checkpoint
+LOCK = ".lock"  # held (flock) by the process that trains the run; holds its PID as text
 
 
 class CheckpointError(L1Error):
@@ -45,7 +52,8 @@ def _digest(value, h=None) -> str:
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # the array itself, not a bytes copy: hashlib reads it without the GIL
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
     elif isinstance(value, dict):
         h.update(b"{")
         for key in sorted(value, key=repr):
@@ -77,21 +85,42 @@ def save_file(state: dict, path: Path) -> None:
 
     A crash at any instant leaves either the old file or the complete new one at `path`.
     """
-    path = Path(path)
+    _write_sealed(_sealed(state), Path(path))
+
+
+def _sealed(state: dict) -> dict:
+    """The state as it is stored: with its format version and the checksum of everything."""
     payload = {**state, "format_version": FORMAT_VERSION}
     payload["checksum"] = _digest(payload)
+    return payload
+
+
+def _write_sealed(payload: dict, path: Path) -> None:
+    try:
+        _write_atomic(path, lambda f: torch.save(payload, f))
+    except OSError as exc:
+        raise _cannot_write(f"checkpoint {path}", exc, "the older checkpoints are") from None
+
+
+def _cannot_write(what: str, exc: OSError, intact: str) -> CheckpointError:
+    return CheckpointError(f"cannot write {what}: {exc.strerror or exc}; {intact} intact: free space or "
+                           "fix the folder, then resume")
+
+
+def _write_atomic(path: Path, write: Callable) -> None:
+    """write(f) into a temporary file in the same folder, fsync, rename, fsync the folder; on an
+    OSError the temporary file is removed and the error raised."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as exc:
+    except OSError:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}; the older "
-                              "checkpoints are intact: free space or fix the folder, then resume") from None
+        raise
 
 
 def load_file(path: Path, map_location="cpu") -> dict:
@@ -139,18 +168,85 @@ def _copy(src: Path, dst: Path) -> None:
     A copy, not a hard link: a damaged sector in one file must not take its twin with it.
     """
     tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class _Snapshot:
+    """Host copies of a state's tensors, taken while training waits, written while it runs on.
+
+    The copies are kept from save to save: the next snapshot of the same shapes is a plain copy
+    into them (no allocation, no page faults, no re-pinning). Storages are copied whole and once,
+    so views and tied weights stay shared, exactly as torch.save stores the live tensors.
+    CUDA storages go to pinned memory with non-blocking copies and one synchronize.
+    """
+
+    def __init__(self):
+        self.buffers: list[torch.UntypedStorage] = []
+
+    def take(self, state: dict) -> dict:
+        self.used, self.cuda_devices, memo = 0, set(), {}
+        snapshot = self._copy(state, memo)
+        for device in self.cuda_devices:  # the non-blocking copies have landed
+            torch.cuda.synchronize(device)
+        del self.buffers[self.used:]
+        return snapshot
+
+    def _copy(self, value, memo: dict):
+        if isinstance(value, torch.Tensor):
+            if id(value) not in memo:  # one tensor under two names stays one tensor
+                source = value.untyped_storage()
+                key = (source.device, source.data_ptr(), source.nbytes())
+                if key not in memo:
+                    memo[key] = self._storage_copy(source)
+                memo[id(value)] = torch.empty(0, dtype=value.dtype).set_(
+                    memo[key], value.storage_offset(), value.size(), value.stride())
+            return memo[id(value)]
+        if isinstance(value, dict):
+            return {key: self._copy(item, memo) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._copy(item, memo) for item in value)
+        return copy.deepcopy(value)
+
+    def _storage_copy(self, source: torch.UntypedStorage) -> torch.UntypedStorage:
+        pinned = source.device.type == "cuda"
+        if pinned:
+            self.cuda_devices.add(source.device)
+        i, self.used = self.used, self.used + 1
+        if i < len(self.buffers) and self.buffers[i].nbytes() == source.nbytes() and self.buffers[i].is_pinned() == pinned:
+            buffer = self.buffers[i]
+        else:
+            buffer = torch.empty(source.nbytes(), dtype=torch.uint8, pin_memory=pinned).untyped_storage()
+            self.buffers[i:i + 1] = [buffer]
+        buffer.copy_(source, non_blocking=pinned)
+        return buffer
 
 
 class CheckpointManager:
-    """latest_checkpoint.pt, best_checkpoint.pt and the rolling checkpoint_epoch_E_step_S.pt files."""
+    """latest_checkpoint.pt, best_checkpoint.pt and the rolling checkpoint_epoch_E_step_S.pt files.
 
-    def __init__(self, run_dir: Path, keep: int):
+    save() takes a snapshot and returns; the files are written by one background thread (with
+    background=False, before save returns). At most one save is in flight: the next save(), wait()
+    or the end of a `with manager:` block waits for it, and raises its error if it failed.
+    Every checkpoint carries the run's id (run_id.txt); load_latest refuses another run's.
+    """
+
+    def __init__(self, run_dir: Path, keep: int, *, background: bool = True,
+                 log: Callable[[str], None] = print):
         self.dir = Path(run_dir)
         self.keep = keep
+        self.background = background
+        self.log = log
+        self.run_id: str | None = None  # known after load_latest or the first save
+        self._snapshot = _Snapshot()
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     @property
     def latest(self) -> Path:
@@ -167,21 +263,79 @@ class CheckpointManager:
         return [p for _, p in sorted(found)]
 
     def save(self, state: dict, *, rolling: bool = False, best: bool = False) -> float:
-        """Write latest; also copy it to a rolling and/or the best checkpoint. Returns seconds taken."""
+        """Save latest; also copy it to a rolling and/or the best checkpoint.
+
+        Returns the seconds the caller was held: waiting for the previous save, then the snapshot
+        (the whole write when background=False). The write's own time is logged when it is done.
+        """
         start = time.perf_counter()
-        save_file(state, self.latest)
+        self.wait()
+        if self.run_id is None:
+            self.run_id = _read_run_id(self.dir) or uuid.uuid4().hex
+        state = {**state, "run_id": self.run_id}
+        if not self.background:
+            self._write(state, rolling, best)
+            return time.perf_counter() - start
+        state = self._snapshot.take(state)
+        self._writer = threading.Thread(target=self._write_catching, args=(state, rolling, best),
+                                        name="l1-checkpoint-writer")
+        self._writer.start()
+        return time.perf_counter() - start
+
+    def wait(self) -> None:
+        """Wait for the save in flight; raise its error (once) if it failed."""
+        error = self._join()
+        if error is not None:
+            raise error
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.wait()
+            return
+        error = self._join()
+        if error is not None:  # the exception on its way out is reported; this one is logged
+            self.log(f"the checkpoint write in flight failed too: {error}")
+
+    def _join(self) -> BaseException | None:
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        error, self._error = self._error, None
+        return error
+
+    def _write_catching(self, state: dict, rolling: bool, best: bool) -> None:
+        try:
+            self._write(state, rolling, best)
+        except BaseException as exc:  # handed to the training thread at its next save or wait
+            self._error = exc
+
+    def _write(self, state: dict, rolling: bool, best: bool) -> None:
+        start = time.perf_counter()
+        if not (self.dir / RUN_ID).is_file():
+            _write_run_id(self.dir, self.run_id)
+        payload = _sealed(state)
+        sealed = time.perf_counter()
+        _write_sealed(payload, self.latest)
+        written = time.perf_counter()
+        names = [LATEST]
         try:
             if rolling:
-                _copy(self.latest, self.dir / rolling_name(state["epoch"], state["step"]))
+                names.append(rolling_name(state["epoch"], state["step"]))
+                _copy(self.latest, self.dir / names[-1])
                 for old in self.rolling()[:-self.keep]:
                     old.unlink()
             if best:
+                names.append(BEST)
                 _copy(self.latest, self.best)
             _fsync_dir(self.dir)
         except OSError as exc:
-            raise CheckpointError(f"cannot write checkpoints in {self.dir}: {exc.strerror or exc}; "
-                                  f"{LATEST} is intact: free space or fix the folder, then resume") from None
-        return time.perf_counter() - start
+            raise _cannot_write(f"checkpoints in {self.dir}", exc, f"{LATEST} is") from None
+        done = time.perf_counter()
+        self.log(f"saved {', '.join(names)} at step {state.get('step')} in {done - start:.2f}s (checksum "
+                 f"{sealed - start:.2f}s, write {written - sealed:.2f}s, copies {done - written:.2f}s)")
 
     def candidates(self) -> list[Path]:
         """Resume order: latest, then rolling newest first, then best."""
@@ -195,6 +349,7 @@ class CheckpointManager:
         None when the folder has no checkpoint at all; CheckpointError when it has some but none
         can be used, so a run is never silently restarted from zero.
         """
+        ours = _read_run_id(self.dir)
         problems = []
         for path in self.candidates():
             try:
@@ -203,15 +358,106 @@ class CheckpointManager:
                 log(f"skipping checkpoint: {exc}")
                 problems.append(str(exc))
                 continue
+            theirs = state.get("run_id")
             reason = check(state)
+            if reason is None and ours and theirs and theirs != ours:
+                reason = f"it belongs to another run ({theirs}; this folder's {RUN_ID} says {ours})"
             if reason is None:
+                if theirs and not ours:
+                    log(f"{RUN_ID} is missing: continuing run {theirs} of {path.name}")
+                self.run_id = ours or theirs
                 return state, path
             log(f"skipping checkpoint {path.name}: {reason}")
             problems.append(f"{path.name}: {reason}")
         if problems:
             raise CheckpointError(f"no usable checkpoint in {self.dir} ({problems[0]}); fix it, or start "
                                   "over with --fresh (the old run is moved aside, not deleted)")
+        self.run_id = ours
         return None
+
+
+def _read_run_id(run_dir: Path) -> str | None:
+    """The id in a run folder's run_id.txt; None without one (a new run, or one older than run ids)."""
+    path = Path(run_dir) / RUN_ID
+    if not path.is_file():
+        return None
+    text = path.read_bytes().strip()
+    if not re.fullmatch(rb"[0-9a-f]{32}", text):
+        raise CheckpointError(f"{path} is damaged (expected 32 hex digits); restore it, or delete it to "
+                              "continue with the run id stored in the newest checkpoint")
+    return text.decode()
+
+
+def _write_run_id(run_dir: Path, run_id: str) -> None:
+    try:
+        _write_atomic(Path(run_dir) / RUN_ID, lambda f: f.write(f"{run_id}\n".encode()))
+    except OSError as exc:
+        raise _cannot_write(str(Path(run_dir) / RUN_ID), exc, "the checkpoints are") from None
+
+
+class RunLock:
+    """An OS lock on a run folder for the life of a run: one trainer per folder.
+
+    flock on the folder's .lock file (msvcrt on Windows), so the kernel releases it when the
+    holder dies, SIGKILL included: no stale lock. The holder writes its PID into the file for the
+    message a second trainer gets. Taking the lock also removes the temporary files that a killed
+    save left (full-size .*.pt.tmp), which only the folder's owner may do.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir)
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise L1Error naming the holder's PID."""
+        try:
+            fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise L1Error(f"run folder {self.dir} is not writable ({exc.strerror}); choose another --out") from None
+        if not _try_lock(fd):
+            os.lseek(fd, 1, os.SEEK_SET)  # byte 0 is the one Windows locks (and cannot read)
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise L1Error(f"run folder {self.dir} is in use by another trainer (PID {holder}); wait for it "
+                          "to finish or stop it, or choose another --out")
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f" {os.getpid()}\n".encode())
+        self._fd = fd
+        for debris in [*self.dir.glob(".*.pt.tmp"), self.dir / f".{RUN_ID}.tmp"]:
+            debris.unlink(missing_ok=True)
+        return self
+
+    def release(self) -> None:
+        """Let go of the lock (closing the file releases it); the .lock file stays, harmless."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _try_lock(fd: int) -> bool:
+    """An exclusive, non-blocking lock on an open file; False when another process holds it."""
+    if os.name == "nt":
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # byte 0, from the current position
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def find_for_inference(model_path: str | None, models_root: Path = Path("models")) -> Path:

@@ -46,7 +46,8 @@ def configure(overrides: dict, file_values: dict | None = None, fresh: bool = Fa
     stored_path = out / TRAINING_ARGS
     if fresh and out.exists() and any(out.iterdir()):
         aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        out.rename(aside)
+        with checkpoint.RunLock(out):  # never move a folder that another trainer is writing
+            out.rename(aside)
         print(f"--fresh: moved the previous run to {aside}")
     stored = None
     if stored_path.is_file():
@@ -251,10 +252,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     rt = runtime.setup(cfg.device, cfg.amp, cfg.deterministic)
     if cfg.batch_size == 0 and rt.device.type != "cuda":
         raise L1Error("--batch_size auto probes GPU memory and needs CUDA; give a number instead")
+    lock = None
     try:
         writes_files = rt.dist.is_main  # only the main rank writes files
         if writes_files:
             _make_run_dir(cfg.run_dir)
+            lock = checkpoint.RunLock(cfg.run_dir).acquire()  # one trainer per folder, for the whole run
         runtime.barrier(rt.dist)
         logger = _make_logger(cfg.run_dir, writes_files)
         data = _prepare_data(cfg, rt.dist, logger.info)
@@ -262,6 +265,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             cfg = auto_batch_size(cfg, rt, logger.info)
         return _Run(cfg, rt, data, logger.info).run()
     finally:
+        if lock:
+            lock.release()
         runtime.shutdown_distributed(rt.dist)
 
 
@@ -330,7 +335,7 @@ class _Run:
         self.tokens_per_step = cfg.batch_size * cfg.context * cfg.grad_accum  # global, any world size
         self.batches = self._make_batches()
 
-        self.manager = CheckpointManager(self.run_dir, cfg.keep)
+        self.manager = CheckpointManager(self.run_dir, cfg.keep, log=log)
         resumed = self.manager.load_latest(self._refusal, log=log, map_location="cpu")
         state, self.resumed_from = resumed if resumed else (None, None)
         self.step = state["step"] if state else 0
@@ -440,7 +445,7 @@ class _Run:
         self.metrics = _Metrics(self.run_dir, self.writes_files, cfg.tensorboard)
         val_loss = None
         try:
-            with _StopFlag(self.log) as stop:
+            with _StopFlag(self.log) as stop, self.manager:  # the last save is on disk before the end
                 val_loss, stopped = self._loop(stop)
         finally:
             self.metrics.close()
@@ -578,12 +583,7 @@ class _Run:
             return
         seconds = self.manager.save(state, rolling=rolling, best=best)
         self.saved_step = self.step
-        names = [checkpoint.LATEST]
-        if rolling:
-            names.append(checkpoint.rolling_name(self.batches.epoch, self.step))
-        if best:
-            names.append(checkpoint.BEST)
-        self.log(f"saved {', '.join(names)} at step {self.step} in {seconds:.2f}s")
+        self.log(f"checkpoint of step {self.step} taken, training held {seconds:.2f}s; writing it in the background")
 
     def _log_train(self, stats: dict) -> None:
         tokens_per_s = stats["tokens"] / stats["seconds"]

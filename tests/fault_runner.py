@@ -4,6 +4,8 @@ L1_FAULT=<kind>:<n> makes the n-th occurrence of an event fail:
   step          SIGKILL inside the n-th forward pass (mid training step)
   eval          SIGKILL in the middle of the n-th evaluation
   mid_write     SIGKILL after half of the n-th checkpoint is written to its temporary file
+  overlap       the same, in the background writer, once training has run on past that save (a
+                forward pass after it): the kill lands mid-write while the next steps train
   before_rename SIGKILL between the n-th complete temporary write and its rename
   copy          SIGKILL in the middle of the n-th rolling/best copy
   enospc        the n-th checkpoint write fails with "No space left on device"
@@ -15,6 +17,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,12 +59,19 @@ elif KIND == "eval":
                 yield batch
         return batches
     wrap(trainer, "eval_batches", make_eval_batches)
-elif KIND in ("mid_write", "enospc"):
+elif KIND in ("mid_write", "overlap", "enospc"):
+    ran_on = threading.Event()  # set by every training forward pass
+    if KIND == "overlap":
+        wrap(GPT, "forward", lambda f: lambda self, *a, **k: (self.training and ran_on.set(), f(self, *a, **k))[1])
+
     def make_save(f):
         def save(obj, file, *a, **k):
             if nth():
                 if KIND == "enospc":
                     raise OSError(errno.ENOSPC, "No space left on device")
+                if KIND == "overlap":
+                    ran_on.clear()
+                    ran_on.wait(timeout=60)
                 buffer = io.BytesIO()
                 f(obj, buffer, *a, **k)
                 file.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])

@@ -2,8 +2,11 @@
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ KILL_POINTS = [
     ("step", 1), ("step", 9), ("step", 24),                # inside a forward pass of a training step
     ("eval", 1), ("eval", 3),                              # in the middle of an evaluation
     ("mid_write", 1), ("mid_write", 5),                    # half-way through writing a checkpoint
+    ("overlap", 1), ("overlap", 4),                        # the same, while training runs on past that save
     ("before_rename", 2), ("before_rename", 6),            # temporary file complete, not yet renamed
     ("copy", 1), ("copy", 5),                              # copying latest to a rolling / best file
 ]
@@ -84,8 +88,8 @@ def flip_bytes(path):
     path.write_bytes(bytes(data))
 
 
-def other_runs_checkpoint(corpus, tmp_path):
-    args = tiny_args(corpus, tmp_path / "other", max_steps=2, n_embd=32)
+def other_runs_checkpoint(corpus, tmp_path, **shape):
+    args = tiny_args(corpus, tmp_path / "other", max_steps=2, **shape)
     assert train_gpu_compatible.main(list(map(str, args))) == 0
     return (tmp_path / "other" / "run" / "latest_checkpoint.pt").read_bytes()
 
@@ -96,6 +100,7 @@ def other_runs_checkpoint(corpus, tmp_path):
     ("truncated", "truncated or corrupt"),
     ("wrong_format", "not an L1 checkpoint"),
     ("other_run", "different model"),
+    ("same_shape_other_run", "belongs to another run"),  # same model and tokenizer: only its run id differs
 ])
 def test_damaged_latest_falls_back_to_newest_intact_rolling(finished_run, corpus, tmp_path, capsys, damage, message):
     run, args = finished_run
@@ -109,6 +114,8 @@ def test_damaged_latest_falls_back_to_newest_intact_rolling(finished_run, corpus
         latest.write_bytes(latest.read_bytes()[:5000])
     elif damage == "wrong_format":
         torch.save({"weights": torch.zeros(3)}, latest)
+    elif damage == "other_run":
+        latest.write_bytes(other_runs_checkpoint(corpus, tmp_path, n_embd=32))
     else:
         latest.write_bytes(other_runs_checkpoint(corpus, tmp_path))
     capsys.readouterr()
@@ -145,6 +152,53 @@ def test_disk_full_stops_clearly_and_keeps_older_checkpoints(corpus, tmp_path):
     assert "Traceback" not in result.stderr
     assert load_file(tmp_path / "run" / "latest_checkpoint.pt")["step"] == 4  # saves at 2 and 4 succeeded
     assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_debris_of_a_killed_save_is_removed_by_the_next_run(finished_run):
+    run, args = finished_run
+    debris = [run / ".latest_checkpoint.pt.tmp", run / ".checkpoint_epoch_0_step_2.pt.tmp"]
+    for path in debris:  # full size, as a save killed before its rename leaves them
+        shutil.copyfile(run / "latest_checkpoint.pt", path)
+    args = [*map(str, args)]
+    args[args.index("--max_steps") + 1] = "9"  # no save of step 2 or a rename over them
+    assert train_gpu_compatible.main(args) == 0
+    assert not any(path.exists() for path in debris) and not list(run.glob(".*.tmp"))
+
+
+def wait_for(condition, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the trainer exited with {process.returncode}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_second_trainer_on_a_run_folder_refuses_and_touches_nothing(corpus, tmp_path):
+    args = tiny_args(corpus, tmp_path, max_steps=100000, save_every=2, eval_every=4)
+    run = tmp_path / "run"
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([sys.executable, str(REPO / "train_gpu_compatible.py"), *map(str, args)], cwd=REPO,
+                                 env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=log)
+    try:
+        wait_for(lambda: (run / "latest_checkpoint.pt").exists(), first)
+        os.kill(first.pid, signal.SIGSTOP)  # it still holds the lock; its own files stay still
+        before = {p.name: p.read_bytes() for p in run.iterdir()}
+        for extra in ([], ["--fresh"]):
+            second = run_script("train_gpu_compatible.py", *args, *extra)
+            errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+            assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+            assert len(errors) == 1 and f"in use by another trainer (PID {first.pid})" in errors[0]
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "first.log", "run"]  # nothing moved aside
+    finally:
+        first.kill()  # SIGKILL, even while stopped: the kernel drops its lock
+        first.wait()
+    step = load_file(run / "latest_checkpoint.pt")["step"]
+    args[args.index("--max_steps") + 1] = str(step + 2)
+    resumed = run_script("train_gpu_compatible.py", *args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from latest_checkpoint.pt at step {step}" in resumed.stderr
+    assert load_file(run / "latest_checkpoint.pt")["step"] == step + 2
 
 
 def test_pickle_that_runs_code_is_refused(finished_run, tmp_path, capsys):

@@ -63,9 +63,9 @@ def test_promised_run_folder_layout_and_logs(corpus, tmp_path):
     assert train(tiny_args(corpus, tmp_path, keep=2)) == 0
     run = tmp_path / "run"
     names = sorted(p.name for p in run.iterdir())
-    assert names == ["best_checkpoint.pt", "checkpoint_epoch_0_step_12.pt", "checkpoint_epoch_0_step_8.pt",
-                     "config.json", "latest_checkpoint.pt", "loss.png", "metrics.jsonl", "tokenizer.json",
-                     "training.log", "training_args.json"]  # keep=2 of the rolling saves at 4, 8, 12
+    assert names == [".lock", "best_checkpoint.pt", "checkpoint_epoch_0_step_12.pt", "checkpoint_epoch_0_step_8.pt",
+                     "config.json", "latest_checkpoint.pt", "loss.png", "metrics.jsonl", "run_id.txt",
+                     "tokenizer.json", "training.log", "training_args.json"]  # keep=2 of the rolling saves at 4, 8, 12
     for name in ("best_checkpoint.pt", "latest_checkpoint.pt", "tokenizer.json", "config.json",
                  "training_args.json", "training.log", "metrics.jsonl"):
         assert (run / name).is_file(), name
