@@ -80,7 +80,8 @@ def benches(out: Path, device: str, fraction: float, smoke: bool) -> dict:
 
 def flagship(out: Path, data: str, steps: int, device: str, smoke: bool) -> dict:
     """A straight run and a SIGKILLed-then-resumed one of the same command; bitwise comparison."""
-    preset = ["--preset", "tiny", "--batch_size", "4", "--seq_len", "64"] if smoke else ["--preset", "l1-gpu-compatible"]
+    preset = ["--preset", "tiny", "--batch_size", "4", "--seq_len", "64", "--val_fraction", "0.2"] if smoke \
+        else ["--preset", "l1-gpu-compatible"]
     common = [*preset, "--data", data, "--data_dir", str(out / "data"), "--max_steps", str(steps),
               "--save_every", str(max(1, steps // 4)), "--eval_every", str(steps), "--log_every", "10",
               "--device", device, "--deterministic"]
