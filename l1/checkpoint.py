@@ -131,8 +131,8 @@ def load_file(path: Path, map_location="cpu") -> dict:
     with open(path, "rb") as f:
         magic = f.read(4)
     if len(magic) == 4 and magic != b"PK\x03\x04":  # torch.save writes a zip archive (a truncated one starts so too)
-        raise CheckpointError(f"{path} is not an L1 checkpoint (not a file written by torch.save); pass a "
-                              "run folder or one of its .pt files")
+        raise CheckpointError(f"{path} is not an L1 checkpoint: not a file written by torch.save (truncated or "
+                              "corrupt, or another kind of file); pass a run folder or one of its .pt files")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
