@@ -35,8 +35,8 @@ from l1.tokenizer import Tokenizer
 
 FORMAT_VERSION = 2
 HUB_HOST = "huggingface.co"
-LOADERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
-KINDS = ".parquet, .jsonl, .json or .txt"
+LOADERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text", ".tokens": "text"}
+KINDS = ".parquet, .jsonl, .json or .txt"  # .tokens: WikiText's plain text, read as .txt
 ENCODE_BATCH = 2000  # documents per encode_batch call: enough to keep every core busy
 LOCAL_EXAMPLE = "--data ../shared/data/wikipedia-sample"
 

@@ -1,6 +1,7 @@
 """The trainer: exact resume, checkpoint layout and rotation, best tracking, signals, refusals."""
 
 import json
+import math
 import os
 import signal
 
@@ -269,3 +270,100 @@ def test_gradient_checkpointing_run_trains_like_the_plain_one(corpus, tmp_path):
         assert f"grad checkpointing {'on' if flag == '--grad_ckpt' else 'off'}" in (
             out / "run" / "training.log").read_text()
     assert losses["--grad_ckpt"] == pytest.approx(losses["--no-grad_ckpt"], rel=1e-5)
+
+
+def metrics(run, kind) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_early_stop_ends_an_overfitting_run_and_a_resume_keeps_the_count(corpus, tmp_path, monkeypatch):
+    """A high lr on a tiny corpus stops improving; --early_stop 2 ends the run there, saved, exit 0.
+    A run stopped between the two evaluations without improvement stops at the same step on resume,
+    with the same weights: the count survives in the checkpoint."""
+    flags = dict(max_steps=40, lr=0.05, warmup_steps=1, eval_every=2, save_every=100, early_stop=2)
+    assert train(tiny_args(corpus, tmp_path / "straight", **flags)) == 0
+    run = tmp_path / "straight" / "run"
+    stop = load_file(run / "latest_checkpoint.pt")
+    evals = metrics(run, "eval")
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert stop["step"] == evals[-1]["step"] < 40 and stop["evals_since_best"] == 2
+    assert [r["val_loss"] >= best["val_loss"] for r in evals[-2:]] == [True, True]
+    assert load_file(run / "best_checkpoint.pt")["step"] == best["step"] == stop["best_step"]
+    log = (run / "training.log").read_text()
+    assert (f"validation loss has not improved for 1 evaluation(s), since step {best['step']} (epoch 0); "
+            f"best_checkpoint.pt holds step {best['step']}") in log
+    assert f"early stop: validation loss has not improved for 2 evaluation(s), since step {best['step']}" in log
+
+    stop_during(monkeypatch, stop["step"] - 1)  # after the first evaluation without improvement
+    assert train(tiny_args(corpus, tmp_path / "stopped", **flags)) == 0
+    stopped = tmp_path / "stopped" / "run"
+    assert load_file(stopped / "latest_checkpoint.pt")["evals_since_best"] == 1
+    monkeypatch.undo()
+    assert train(tiny_args(corpus, tmp_path / "stopped", **flags)) == 0
+    resumed = load_file(stopped / "latest_checkpoint.pt")
+    assert resumed["step"] == stop["step"]
+    assert_bitwise_equal(stop["model"], resumed["model"])
+    assert train(tiny_args(corpus, tmp_path / "stopped", **flags)) == 0  # a rerun trains no further
+    assert load_file(stopped / "latest_checkpoint.pt")["step"] == stop["step"]
+    assert (stopped / "training.log").read_text().count("early stop:") == 2
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_learning_rate_follows_the_time_budget(schedule):
+    from l1.config import resolve
+
+    values = {"preset": "tiny", "max_minutes": 1.0, "warmup_steps": 10, "lr": 1.0, "min_lr_ratio": 0.1,
+              "schedule": schedule, "decay_fraction": 0.2}
+    cfg = resolve(values)
+    assert cfg.max_steps == 0, "a budget without --max_steps has no step limit"
+    lr = [trainer._lr_at(cfg, 50, seconds) for seconds in range(0, 61)]
+    assert lr[0] == pytest.approx(1.0) and lr[60] == pytest.approx(0.1) and trainer._lr_at(cfg, 50, 90) == pytest.approx(0.1)
+    assert all(b <= a + 1e-12 for a, b in zip(lr, lr[1:]))
+    if schedule == "wsd":
+        assert lr[:49] == [1.0] * 49 and lr[54] == pytest.approx(0.55)
+    else:
+        assert lr[30] == pytest.approx(0.55)
+    assert trainer._lr_at(cfg, 4, 59.0) == pytest.approx(min(0.5, lr[59]))  # the warmup caps the lr
+    capped = resolve({**values, "max_steps": 100})  # an upper bound: whichever end comes first decays
+    assert trainer._lr_at(capped, 99, 1.0) == pytest.approx(0.1)
+    assert trainer._lr_at(capped, 89, 1.0) == pytest.approx(0.55 if schedule == "wsd" else 0.1 + 0.45 * (
+        1 + math.cos(math.pi * 0.9)))
+    stepped = resolve({**values, "max_minutes": 0.0, "max_steps": 100})  # no budget: the time is ignored
+    assert [trainer._lr_at(stepped, s, 1e6) for s in range(100)] == [trainer._lr_at(stepped, s) for s in range(100)]
+
+
+def test_budgeted_run_ends_at_its_deadline_decayed_and_a_resume_keeps_the_clock(corpus, tmp_path, monkeypatch):
+    """--max_minutes 0.2: stopped by SIGTERM a third of the way in, resumed, the run continues the same
+    deadline arithmetic (its clock never restarts, the lr keeps falling) and its last step runs at the floor."""
+    flags = dict(max_minutes=0.2, max_steps=100_000, schedule="cosine", warmup_steps=1, log_every=1,
+                 eval_every=100_000, save_every=100_000)
+    original = trainer._Run._train_step
+
+    def train_step(self, *args):
+        if self.train_seconds >= 4.0 and not getattr(self, "signalled", False):
+            self.signalled = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args)
+
+    monkeypatch.setattr(trainer._Run, "_train_step", train_step)
+    assert train(tiny_args(corpus, tmp_path, **flags)) == 0
+    run = tmp_path / "run"
+    first = load_file(run / "latest_checkpoint.pt")
+    assert 4.0 <= first["train_seconds"] < 12.0 and "stop requested" in (run / "training.log").read_text()
+    monkeypatch.undo()
+    assert train(tiny_args(corpus, tmp_path, **flags)) == 0
+    final = load_file(run / "latest_checkpoint.pt")
+    assert final["train_seconds"] == 12.0 and final["step"] > first["step"]
+    records = metrics(run, "train")
+    assert [r["step"] for r in records] == list(range(1, final["step"] + 1))
+    seconds = [r["train_seconds"] for r in records]
+    assert all(b > a for a, b in zip(seconds, seconds[1:])), "the clock continues across the resume"
+    lrs = [r["lr"] for r in records]
+    assert all(b <= a for a, b in zip(lrs, lrs[1:])), "the lr keeps falling across the resume"
+    assert lrs[-1] == 0.0 and lrs[-2] > 0.0  # the last step that fits runs at the floor
+    longest_step = max(b - a for a, b in zip(seconds, seconds[1:]))
+    assert seconds[-2] + 2 * longest_step >= 12.0, "it stopped only when no further step would fit"
+    log = (run / "training.log").read_text()
+    assert f"time budget of 0.2 minutes spent: step {final['step']} was the last to fit" in log
+    assert train(tiny_args(corpus, tmp_path, **flags)) == 0  # a rerun finds the budget spent
+    assert load_file(run / "latest_checkpoint.pt")["step"] == final["step"]
