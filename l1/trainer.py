@@ -451,7 +451,7 @@ class _Run:
     def _loop(self, stop: _StopFlag) -> tuple[float | None, bool]:
         cfg = self.cfg
         budget = cfg.max_minutes * 60
-        started, resumed_seconds, session_steps = time.monotonic(), self.train_seconds, 0
+        started, resumed_seconds, session_steps = _seconds(), self.train_seconds, 0
         bad_in_a_row, val_loss, window = 0, None, _StepAverages()
         bar = tqdm(total=cfg.max_steps or None, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=None)
@@ -467,8 +467,9 @@ class _Run:
             last = bool(budget) and self.train_seconds + 2 * per_step > budget  # no step would fit after it
             loss, grad_norm, halt, self.train_seconds = self._train_step(
                 _lr_at(cfg, self.step, budget if last else self.train_seconds), lambda: stop.requested,
-                lambda: resumed_seconds + time.monotonic() - started)
+                lambda: resumed_seconds + _seconds() - started)
             session_steps += 1
+            last = last or bool(budget) and self.train_seconds >= budget  # a step that overran it ends the run too
             if self._bad_step(loss, grad_norm):
                 bad_in_a_row += 1
                 self.log(f"step {self.step}: non-finite loss or gradients (loss {loss}, grad norm {grad_norm}); "
@@ -519,7 +520,7 @@ class _Run:
                     last: bool):
         """Count the step; log, evaluate and save on their schedules. Returns the latest val loss.
 
-        last: the time budget has no room for another step."""
+        last: the time budget ends with this step (no room for another, or it overran the deadline)."""
         cfg = self.cfg
         self.step += 1
         self.tokens_seen += self.tokens_per_step
@@ -538,7 +539,7 @@ class _Run:
                 self.evals_since_best += 1
                 self.log(self._stall())
         if last:
-            self.log(f"time budget of {cfg.max_minutes:g} minutes spent: step {self.step} was the last to fit "
+            self.log(f"time budget of {cfg.max_minutes:g} minutes spent at step {self.step} "
                      f"({self.train_seconds:.1f}s of training)")
             # The last step takes what is left of the budget (less than a step): a rerun finds it spent.
             self.train_seconds = max(self.train_seconds, cfg.max_minutes * 60)
@@ -675,6 +676,11 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def _seconds() -> float:
+    """The time budget's clock: monotonic seconds (a test simulates it)."""
+    return time.monotonic()
 
 
 def _duration(seconds: float) -> str:

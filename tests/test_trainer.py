@@ -332,38 +332,55 @@ def test_learning_rate_follows_the_time_budget(schedule):
     assert [trainer._lr_at(stepped, s, 1e6) for s in range(100)] == [trainer._lr_at(stepped, s) for s in range(100)]
 
 
+def simulated_clock(monkeypatch, seconds_per_step: float):
+    """The budget's clock advances exactly seconds_per_step per training step (one reading per step)."""
+    readings = iter(range(10**6))
+    monkeypatch.setattr(trainer, "_seconds", lambda: next(readings) * seconds_per_step)
+
+
 def test_budgeted_run_ends_at_its_deadline_decayed_and_a_resume_keeps_the_clock(corpus, tmp_path, monkeypatch):
-    """--max_minutes 0.2: stopped by SIGTERM a third of the way in, resumed, the run continues the same
-    deadline arithmetic (its clock never restarts, the lr keeps falling) and its last step runs at the floor."""
-    flags = dict(max_minutes=0.2, max_steps=100_000, schedule="cosine", warmup_steps=1, log_every=1,
+    """--max_minutes 0.2 with steps of exactly 1 s: 12 steps, the lr a function of the training time
+    and the 12th at the floor; a run stopped at step 5 resumes the clock at 5 s and ends bitwise equal
+    to the straight one; a rerun finds the budget spent."""
+    flags = dict(max_minutes=0.2, max_steps=1000, schedule="wsd", decay_fraction=0.5, min_lr_ratio=0.1,
+                 warmup_steps=2, log_every=1, eval_every=1000, save_every=1000)
+    simulated_clock(monkeypatch, 1.0)
+    assert train(tiny_args(corpus, tmp_path / "straight", **flags)) == 0
+    straight = tmp_path / "straight" / "run"
+    final = load_file(straight / "latest_checkpoint.pt")
+    assert final["step"] == 12 and final["train_seconds"] == 12.0
+    cfg = trainer.configure({"out": str(straight)})
+    assert [r["lr"] for r in metrics(straight, "train")] == pytest.approx(
+        [trainer._lr_at(cfg, step, step) for step in range(11)] + [cfg.lr * 0.1])
+    assert "time budget of 0.2 minutes spent at step 12 (12.0s of training)" in (straight / "training.log").read_text()
+
+    stop_during(monkeypatch, 5)
+    simulated_clock(monkeypatch, 1.0)
+    assert train(tiny_args(corpus, tmp_path / "stopped", **flags)) == 0
+    stopped = tmp_path / "stopped" / "run"
+    assert load_file(stopped / "latest_checkpoint.pt")["train_seconds"] == 5.0
+    monkeypatch.undo()
+    simulated_clock(monkeypatch, 1.0)
+    assert train(tiny_args(corpus, tmp_path / "stopped", **flags)) == 0
+    resumed = load_file(stopped / "latest_checkpoint.pt")
+    assert (resumed["step"], resumed["train_seconds"]) == (12, 12.0)
+    assert_bitwise_equal(final["model"], resumed["model"])
+    assert train(tiny_args(corpus, tmp_path / "stopped", **flags)) == 0
+    assert "done: step 12" in (stopped / "training.log").read_text().splitlines()[-1]
+    assert load_file(stopped / "latest_checkpoint.pt")["step"] == 12
+
+
+def test_budgeted_run_on_the_real_clock_spends_its_budget(corpus, tmp_path):
+    """--max_minutes 0.1 in real time: the run ends once its budget is spent, long before max_steps,
+    its lr falling with the time."""
+    flags = dict(max_minutes=0.1, max_steps=100_000, schedule="cosine", warmup_steps=1, log_every=1,
                  eval_every=100_000, save_every=100_000)
-    original = trainer._Run._train_step
-
-    def train_step(self, *args):
-        if self.train_seconds >= 4.0 and not getattr(self, "signalled", False):
-            self.signalled = True
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, *args)
-
-    monkeypatch.setattr(trainer._Run, "_train_step", train_step)
     assert train(tiny_args(corpus, tmp_path, **flags)) == 0
     run = tmp_path / "run"
-    first = load_file(run / "latest_checkpoint.pt")
-    assert 4.0 <= first["train_seconds"] < 12.0 and "stop requested" in (run / "training.log").read_text()
-    monkeypatch.undo()
-    assert train(tiny_args(corpus, tmp_path, **flags)) == 0
     final = load_file(run / "latest_checkpoint.pt")
-    assert final["train_seconds"] == 12.0 and final["step"] > first["step"]
+    assert final["train_seconds"] >= 6.0 and 0 < final["step"] < 100_000
     records = metrics(run, "train")
-    assert [r["step"] for r in records] == list(range(1, final["step"] + 1))
-    seconds = [r["train_seconds"] for r in records]
-    assert all(b > a for a, b in zip(seconds, seconds[1:])), "the clock continues across the resume"
-    lrs = [r["lr"] for r in records]
-    assert all(b <= a for a, b in zip(lrs, lrs[1:])), "the lr keeps falling across the resume"
-    assert lrs[-1] == 0.0 and lrs[-2] > 0.0  # the last step that fits runs at the floor
-    longest_step = max(b - a for a, b in zip(seconds, seconds[1:]))
-    assert seconds[-2] + 2 * longest_step >= 12.0, "it stopped only when no further step would fit"
-    log = (run / "training.log").read_text()
-    assert f"time budget of 0.2 minutes spent: step {final['step']} was the last to fit" in log
-    assert train(tiny_args(corpus, tmp_path, **flags)) == 0  # a rerun finds the budget spent
-    assert load_file(run / "latest_checkpoint.pt")["step"] == final["step"]
+    lrs, seconds = [r["lr"] for r in records], [r["train_seconds"] for r in records]
+    assert all(b <= a for a, b in zip(lrs, lrs[1:])) and all(b > a for a, b in zip(seconds, seconds[1:]))
+    assert lrs[-1] < lrs[0]
+    assert f"time budget of 0.1 minutes spent at step {final['step']}" in (run / "training.log").read_text()
