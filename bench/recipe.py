@@ -15,7 +15,7 @@ JSON object per probe and run, then a summary per recipe (mean over seeds and th
 
 --replica scales down the flagship's data-starved regime instead (l1-gpu-compatible: 155.8M
 parameters, about 67M tokens per epoch of Simple English Wikipedia, 0.43 tokens per parameter per
-epoch, 4.9 epochs in its 5000 steps): a 1.3M-parameter model (REPLICA) on a slice of the sample
+epoch, 4.9 epochs in its 5000 steps): a 541k-parameter model (REPLICA) on a slice of the sample
 cut to 0.43 tokens per parameter in its training split (the slice is measured once, with the
 first seed's split), trained for --epochs passes over it. Recipes are compared at equal tokens,
 the axis that carries over to a GPU: a recipe with another batch gets the steps that keep the
@@ -65,9 +65,10 @@ RECIPES = {
     "muon_qk_norm": {**BASELINE, "optimizer": "muon", "model": {"qk_norm": True}},
 }
 TEXTBOOK_LR = 6e-4 * 768  # GPT-3 small's lr at width 768, scaled as 1/width
-# The flagship's regime, scaled down: a model of 1.3M parameters (its 2048-token vocabulary a
-# fifth of them, as the flagship's 20k vocabulary is an eighth), 128 tokens of context, micro-batch 8.
-REPLICA = {"model": {"vocab_size": 2048, "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128},
+# The flagship's regime, scaled down to a few minutes a run on 2 CPU cores: 4 blocks like the
+# flagship's, 96 wide, 541k parameters (the 1024-token vocabulary a fifth of them, the flagship's
+# 20k vocabulary an eighth), 128 tokens of context, micro-batch 8.
+REPLICA = {"model": {"vocab_size": 1024, "n_layer": 4, "n_head": 4, "n_embd": 96, "block_size": 128},
            "batch_size": 8, "grad_accum": 1, "eval_batches": 10_000,
            "data": {"val_fraction": 0.1}}  # every validation window, a tenth of the slice
 FLAGSHIP_TOKENS_PER_PARAM_EPOCH = 0.43  # 67M tokens / 155.8M parameters
@@ -155,26 +156,35 @@ def plot_curves(runs: dict[str, list[Path]], span: float, x_label: str, path: Pa
 
 def replica_slice(args) -> tuple[int, int, int]:
     """(max_docs, training tokens, parameters) of the slice of --data whose training split holds the
-    flagship's tokens per parameter per epoch for the REPLICA model, within 5%: a guess, measured and
-    rescaled until it fits (articles differ in length; the first seed's split and tokenizer)."""
+    flagship's tokens per parameter per epoch for the REPLICA model, within 5% where the articles'
+    lengths allow: a guess, then interpolation between the closest slices below and above (the
+    first seed's split and tokenizer; each slice measured is prepared once and cached)."""
     cfg = run_config("baseline", args.seeds[0], args, 1)
     params = cfg.model.num_params
     target = args.tokens_per_param * params
-    docs = max(20, round(target / 700))  # about 700 tokens per Wikipedia article with a 2k vocabulary
-    for attempt in range(5):
+    docs = max(20, round(target / 500))  # about 500 tokens per Wikipedia article with a 1k vocabulary
+    measured: dict[int, int] = {}
+    for _ in range(10):
         prepared = data.prepare(dataclasses.replace(cfg.data, max_docs=docs), cfg.model.vocab_size, cfg.seed,
                                 log=lambda line: None)
-        tokens = prepared.meta["splits"]["train"]["tokens"]
-        emit(kind="slice", max_docs=docs, train_tokens=tokens, tokens_per_param=tokens / params)
-        if abs(tokens / target - 1) <= 0.05 or attempt == 4:
+        measured[docs] = prepared.meta["splits"]["train"]["tokens"]
+        emit(kind="slice", max_docs=docs, train_tokens=measured[docs], tokens_per_param=measured[docs] / params)
+        below = max((d for d, t in measured.items() if t < target), default=None)
+        above = min((d for d, t in measured.items() if t >= target), default=None)
+        if abs(measured[docs] / target - 1) <= 0.05 or (below and above and above - below <= 1):
             break
-        docs = max(20, round(docs * target / tokens))
-    return docs, tokens, params
+        if below is None or above is None:
+            docs = max(20, round(docs * target / measured[docs]))
+        else:
+            step = (target - measured[below]) / (measured[above] - measured[below])
+            docs = min(above - 1, max(below + 1, below + round(step * (above - below))))
+    docs = min(measured, key=lambda d: abs(measured[d] - target))
+    return docs, measured[docs], params
 
 
 def train_run(name: str, seed: int, args, steps: int, folder: Path, **overrides) -> dict:
     """Train one recipe and seed for `steps` steps, evaluating EVALS_PER_RUN times; its numbers."""
-    every = max(1, steps // EVALS_PER_RUN)
+    every = steps // EVALS_PER_RUN or steps
     cfg = run_config(name, seed, args, steps, eval_every=every, save_every=steps, out=str(folder), **overrides)
     result = trainer.train(cfg)
     train, evals = plot.read_records(cfg.run_dir / plot.METRICS)
