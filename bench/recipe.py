@@ -63,6 +63,7 @@ RECIPES = {
     "batch_x2": {**BASELINE, "batch_size": 16},
     "muon_x": {**BASELINE, "optimizer": "muon"},  # Muon at the baseline's lr (scaled to AdamW's RMS)
     "muon_qk_norm": {**BASELINE, "optimizer": "muon", "model": {"qk_norm": True}},
+    "dropout": {**BASELINE, "model": {"dropout": 0.1}},
 }
 TEXTBOOK_LR = 6e-4 * 768  # GPT-3 small's lr at width 768, scaled as 1/width
 # The flagship's regime, scaled down to a few minutes a run on 2 CPU cores: 4 blocks like the

@@ -51,6 +51,8 @@ class ModelConfig:
     pad_vocab_to: int = knob(64, "embedding rows are padded to a multiple of this for fast matmuls")
     qk_norm: bool = knob(False, "RMSNorm each head's queries and keys before RoPE (as in OLMo 2 and Qwen3), "
                                 "which bounds the attention logits")
+    dropout: float = knob(0.0, "in training, drop this fraction of each residual branch's output (attention "
+                               "and MLP), against overfitting data repeated over many epochs (0 = off)")
 
     def __post_init__(self):
         _require_positive(self, "vocab_size", "n_layer", "n_head", "n_embd", "block_size",
@@ -58,6 +60,8 @@ class ModelConfig:
         if self.vocab_size < 257:
             raise L1Error(f"vocab_size must be at least 257 for a byte-level BPE (256 bytes + end-of-text), "
                           f"got {self.vocab_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise L1Error(f"dropout must be in [0, 1), got {self.dropout}")
         if self.intermediate_size < 0:
             raise L1Error(f"intermediate_size must be >= 0 (0 = automatic), got {self.intermediate_size}")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
