@@ -224,7 +224,8 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train (or resume) the run in cfg.run_dir until max_steps, max_minutes or a stop signal.
+    """Train (or resume) the run in cfg.run_dir until max_steps, its time budget (max_minutes), early
+    stopping or a stop signal.
 
     The set-up, in order: device and precision (runtime.setup), the run folder and its log, the
     prepared corpus, the micro-batch size (--batch_size auto), then the run itself.
@@ -488,6 +489,8 @@ class _Run:
                 return val_loss, self._stop("stop requested: stopped at step "
                                             f"{self.step}; run the same command to continue")
         bar.close()
+        if self.saved_step != self.step:  # the budget ran out in a skipped (non-finite) step
+            self._save(rolling=False, best=False)
         self.log(f"done: step {self.step}, best validation loss {self.best_val:.4f}")
         return val_loss, False
 
