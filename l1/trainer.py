@@ -618,10 +618,10 @@ class _Run:
 
     def _save(self, rolling: bool, best: bool) -> None:
         state = self._state()
+        self.saved_step = self.step  # on every rank: whether to save again is decided alike (FSDP collectives)
         if not self.writes_files:
             return
         seconds = self.manager.save(state, rolling=rolling, best=best)
-        self.saved_step = self.step
         names = [checkpoint.LATEST]
         if rolling:
             names.append(checkpoint.rolling_name(self.batches.epoch, self.step))
