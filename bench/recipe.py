@@ -2,6 +2,7 @@
 
     python -m bench.recipe [--minutes 10] [--seeds 1 2 3] [--recipes baseline l1 wsd muon ...]
                            [--data ../shared/data/wikipedia-sample] [--out DIR] [--plot curves.png]
+    python -m bench.recipe --replica [--epochs 2 4.9 8] [--seeds 1 2 3] [--recipes baseline wd0 ...]
 
 Each recipe trains the tiny preset from scratch for the same wall-clock budget, turned into a
 step count so that every schedule runs to its end. The baseline's probe (a few timed steps)
@@ -11,6 +12,15 @@ term, another batch or shape) is timed against the baseline in interleaved probe
 distinct kind of work, and gets the count its relative cost allows. Seeds are the outer loop and recipes the inner one; for a
 given seed every recipe sees the same data order and the same validation batches. Prints one
 JSON object per probe and run, then a summary per recipe (mean over seeds and the spread).
+
+--replica scales down the flagship's data-starved regime instead (l1-gpu-compatible: 155.8M
+parameters, about 67M tokens per epoch of Simple English Wikipedia, 0.43 tokens per parameter per
+epoch, 4.9 epochs in its 5000 steps): a 541k-parameter model (REPLICA) on a slice of the sample
+cut to 0.43 tokens per parameter in its training split (the slice is measured once, with the
+first seed's split), trained for --epochs passes over it. Recipes are compared at equal tokens,
+the axis that carries over to a GPU: a recipe with another batch gets the steps that keep the
+tokens. Each run reports its final and best validation loss and bits per byte (the split is held
+out by document) and its measured seconds per step.
 """
 
 from __future__ import annotations
@@ -23,12 +33,12 @@ import tempfile
 from pathlib import Path
 
 from bench.common import emit, machine
-from l1 import config, plot, trainer
+from l1 import config, data, plot, trainer
 
 # Overrides of the tiny preset. The baseline follows the classic GPT-2 reproductions: AdamW
-# betas 0.9/0.95, weight decay 0.1, warmup then cosine to 10%, lr 6e-4 scaled to width (x 768/256).
-# Every recipe warms up over the first 10% of its steps.
-BASELINE = {"lr": 1.8e-3, "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.1, "schedule": "cosine",
+# betas 0.9/0.95, weight decay 0.1, warmup then cosine to 10%, lr 6e-4 scaled to width (x 768/n_embd;
+# "lr_x" multiplies that). Every recipe warms up over the first 10% of its steps.
+BASELINE = {"lr_x": 1.0, "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.1, "schedule": "cosine",
             "min_lr_ratio": 0.1}
 WARMUP_FRACTION = 0.1
 RECIPES = {
@@ -42,12 +52,38 @@ RECIPES = {
     "qk_norm": {**BASELINE, "model": {"qk_norm": True}},
     "z_loss": {**BASELINE, "z_loss": 1e-4},
     "muon": {**BASELINE, "optimizer": "muon", "lr": 4e-3},
+    # Candidates for the data-starved regime (--replica), each one change against the baseline.
+    "l1_wsd": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},  # L1's schedule
+    "wd0": {**BASELINE, "weight_decay": 0.0},
+    "wd03": {**BASELINE, "weight_decay": 0.3},
+    "wd1": {**BASELINE, "weight_decay": 1.0},
+    "lr_x2": {**BASELINE, "lr_x": 2.0},
+    "lr_half": {**BASELINE, "lr_x": 0.5},
+    "batch_half": {**BASELINE, "batch_size": 4},  # equal tokens: twice the steps
+    "batch_x2": {**BASELINE, "batch_size": 16},
+    "muon_x": {**BASELINE, "optimizer": "muon"},  # Muon at the baseline's lr (scaled to AdamW's RMS)
+    "muon_qk_norm": {**BASELINE, "optimizer": "muon", "model": {"qk_norm": True}},
+    "dropout": {**BASELINE, "model": {"dropout": 0.1}},
 }
+TEXTBOOK_LR = 6e-4 * 768  # GPT-3 small's lr at width 768, scaled as 1/width
+# The flagship's regime, scaled down to a few minutes a run on 2 CPU cores: 4 blocks like the
+# flagship's, 96 wide, 541k parameters (the 1024-token vocabulary a fifth of them, the flagship's
+# 20k vocabulary an eighth), 128 tokens of context, micro-batch 8.
+REPLICA = {"model": {"vocab_size": 1024, "n_layer": 4, "n_head": 4, "n_embd": 96, "block_size": 128},
+           "batch_size": 8, "grad_accum": 1, "eval_batches": 10_000,
+           "data": {"val_fraction": 0.1}}  # every validation window, a tenth of the slice
+FLAGSHIP_TOKENS_PER_PARAM_EPOCH = 0.43  # 67M tokens / 155.8M parameters
+EVALS_PER_RUN = 10
 def run_config(name: str, seed: int, args, max_steps: int, **overrides) -> config.TrainConfig:
     """The resolved TrainConfig of one recipe and seed, warming up over 10% of max_steps."""
+    recipe = dict(RECIPES[name])
+    lr_x = recipe.pop("lr_x", None)
     base = config.merge({"preset": "tiny", "seed": seed, "log_every": 10, "eval_batches": args.eval_batches,
                          "keep": 1, "data": {"data": args.data, "data_dir": args.data_dir,
-                                             "max_docs": args.max_docs}}, RECIPES[name])
+                                             "max_docs": args.max_docs}}, REPLICA if args.replica else {})
+    base = config.merge(base, recipe)
+    if lr_x:
+        base["lr"] = lr_x * TEXTBOOK_LR / config.resolve(base).model.n_embd
     warmup = max(1, round(WARMUP_FRACTION * max_steps))
     return config.resolve(config.merge(base, {"max_steps": max_steps, "warmup_steps": warmup, **overrides}))
 
@@ -94,44 +130,144 @@ def steps_per_recipe(names: list[str], args, tmp: Path) -> dict[str, int]:
     return steps
 
 
-def plot_curves(runs: dict[str, list[Path]], minutes: float, path: Path) -> None:
-    """Training loss (mean over seeds) against the fraction of the wall-clock budget, one line per recipe."""
+def plot_curves(runs: dict[str, list[Path]], span: float, x_label: str, path: Path, kind: str = "train") -> None:
+    """Loss (mean over seeds) against the run's progress (0 to span, e.g. minutes or epochs), one line
+    per recipe: the training loss (kind "train") or the validation loss (kind "eval")."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    column, table = ("loss", 0) if kind == "train" else ("val_loss", 1)
     for name, folders in runs.items():
-        series = [plot.read_records(f / plot.METRICS)[0] for f in folders]
+        series = [plot.read_records(f / plot.METRICS)[table] for f in folders]
         steps = sorted(set.intersection(*(set(s) for s in series)))
         last = steps[-1]
-        loss = [statistics.mean(s[step]["loss"] for s in series) for step in steps]
-        ax.plot([minutes * step / last for step in steps], loss, label=name)
-    ax.set_xlabel("minutes of the budget")
-    ax.set_ylabel(f"training loss (mean of {len(next(iter(runs.values())))} seeds)")
+        loss = [statistics.mean(s[step][column] for s in series) for step in steps]
+        ax.plot([span * step / last for step in steps], loss, label=name)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(f"{'training' if kind == 'train' else 'validation'} loss "
+                  f"(mean of {len(next(iter(runs.values())))} seeds)")
     ax.set_ylim(top=min(ax.get_ylim()[1], 6.0))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
+def replica_slice(args) -> tuple[int, int, int]:
+    """(max_docs, training tokens, parameters) of the slice of --data whose training split holds the
+    flagship's tokens per parameter per epoch for the REPLICA model, within 5% where the articles'
+    lengths allow: a guess, then interpolation between the closest slices below and above (the
+    first seed's split and tokenizer; each slice measured is prepared once and cached)."""
+    cfg = run_config("baseline", args.seeds[0], args, 1)
+    params = cfg.model.num_params
+    target = args.tokens_per_param * params
+    docs = max(20, round(target / 500))  # about 500 tokens per Wikipedia article with a 1k vocabulary
+    measured: dict[int, int] = {}
+    for _ in range(10):
+        prepared = data.prepare(dataclasses.replace(cfg.data, max_docs=docs), cfg.model.vocab_size, cfg.seed,
+                                log=lambda line: None)
+        measured[docs] = prepared.meta["splits"]["train"]["tokens"]
+        emit(kind="slice", max_docs=docs, train_tokens=measured[docs], tokens_per_param=measured[docs] / params)
+        below = max((d for d, t in measured.items() if t < target), default=None)
+        above = min((d for d, t in measured.items() if t >= target), default=None)
+        if abs(measured[docs] / target - 1) <= 0.05 or (below and above and above - below <= 1):
+            break
+        if below is None or above is None:
+            docs = max(20, round(docs * target / measured[docs]))
+        else:
+            step = (target - measured[below]) / (measured[above] - measured[below])
+            docs = min(above - 1, max(below + 1, below + round(step * (above - below))))
+    docs = min(measured, key=lambda d: abs(measured[d] - target))
+    return docs, measured[docs], params
+
+
+def train_run(name: str, seed: int, args, steps: int, folder: Path, **overrides) -> dict:
+    """Train one recipe and seed for `steps` steps, evaluating EVALS_PER_RUN times; its numbers."""
+    every = steps // EVALS_PER_RUN or steps
+    cfg = run_config(name, seed, args, steps, eval_every=every, save_every=steps, out=str(folder), **overrides)
+    result = trainer.train(cfg)
+    train, evals = plot.read_records(cfg.run_dir / plot.METRICS)
+    final, best = evals[max(evals)], min(evals.values(), key=lambda r: r["val_loss"])
+    tokens_per_step = cfg.batch_size * cfg.context * cfg.grad_accum
+    return {"recipe": name, "seed": seed, "steps": result.step, "tokens": final["tokens_seen"],
+            "val_loss": final["val_loss"], "val_bpb": final["val_bpb"], "best_val_loss": best["val_loss"],
+            "best_val_bpb": best["val_bpb"], "best_step": best["step"], "best_epoch": best["epoch"],
+            "step_s": statistics.median(tokens_per_step / r["tokens_per_s"] for r in train.values())}
+
+
+def summarize_replica(results: list[dict]) -> None:
+    """One summary line per recipe and epochs: means over seeds, the spread, and the paired relative
+    change in bits per byte against the baseline's run of the same seed and epochs."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["recipe"], r["epochs"]), []).append(r)
+    for (name, epochs), runs in groups.items():
+        base = {r["seed"]: r for r in groups.get(("baseline", epochs), [])}
+        paired = [r["val_bpb"] / base[r["seed"]]["val_bpb"] - 1 for r in runs if r["seed"] in base]
+        losses = [r["val_loss"] for r in runs]
+        emit(kind="summary", recipe=name, epochs=epochs, steps=runs[0]["steps"], tokens=runs[0]["tokens"],
+             mean_val_loss=statistics.mean(losses), spread=max(losses) - min(losses),
+             mean_val_bpb=statistics.mean(r["val_bpb"] for r in runs),
+             mean_best_val_loss=statistics.mean(r["best_val_loss"] for r in runs),
+             best_steps=[r["best_step"] for r in runs], step_s=statistics.median(r["step_s"] for r in runs),
+             bpb_vs_baseline=paired or None, runs=len(runs))
+
+
+def main_replica(args, tmp: Path) -> None:
+    """--replica: every recipe at every --epochs, at equal tokens, on the flagship-ratio slice."""
+    max_docs, train_tokens, params = replica_slice(args)
+    emit(kind="replica", parameters=params, max_docs=max_docs, train_tokens=train_tokens,
+         tokens_per_param_per_epoch=train_tokens / params, epochs=args.epochs)
+    results, folders = [], {}
+    for seed in args.seeds:
+        for epochs in args.epochs:
+            for name in args.recipes:
+                cfg = run_config(name, seed, args, 1)
+                steps = args.steps or round(epochs * train_tokens / (cfg.batch_size * cfg.context * cfg.grad_accum))
+                folder = tmp / f"{name}-e{epochs:g}-{seed}"
+                run = {**train_run(name, seed, args, steps, folder, data={"max_docs": max_docs}), "epochs": epochs}
+                emit(kind="run", **run)
+                results.append(run)
+                folders.setdefault(f"{name}@{epochs:g}", []).append(folder)
+    summarize_replica(results)
+    if args.plot:
+        for epochs in args.epochs:
+            runs = {k: v for k, v in folders.items() if k.endswith(f"@{epochs:g}")}
+            plot_curves(runs, epochs, "epochs", Path(args.plot).with_suffix(f".e{epochs:g}.png"), kind="eval")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=None, choices=list(RECIPES),
+                        help="default: every recipe (--replica: baseline l1_wsd wd0 wd03 muon_x)")
     parser.add_argument("--data", default="../shared/data/wikipedia-sample")
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--max_docs", type=int, default=0)
     parser.add_argument("--eval_batches", type=int, default=40)
     parser.add_argument("--probe_steps", type=int, default=8)
     parser.add_argument("--probe_rounds", type=int, default=3, help="interleaved probes per costlier recipe")
+    parser.add_argument("--replica", action="store_true", help="the flagship's data-starved regime, scaled down, "
+                                                               "at equal tokens (see above)")
+    parser.add_argument("--epochs", type=float, nargs="+", default=[4.9], help="--replica: passes over the slice")
+    parser.add_argument("--tokens_per_param", type=float, default=FLAGSHIP_TOKENS_PER_PARAM_EPOCH,
+                        help="--replica: training tokens of the slice per model parameter")
+    parser.add_argument("--steps", type=int, default=0, help="--replica: this many steps per run instead (a smoke "
+                                                             "test of the bench, not a measurement)")
     parser.add_argument("--out", default="", help="keep the runs here (default: a temporary folder)")
-    parser.add_argument("--plot", default="", help="write the loss curves to this PNG")
+    parser.add_argument("--plot", default="", help="write the loss curves to this PNG (--replica: one per epochs)")
     args = parser.parse_args(argv)
+    args.recipes = args.recipes or (["baseline", "l1_wsd", "wd0", "wd03", "muon_x"] if args.replica
+                                    else list(RECIPES))
     tmp = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="l1-recipe-"))
-    emit(kind="setup", **machine(), minutes=args.minutes, seeds=args.seeds, recipes=args.recipes, out=str(tmp))
+    emit(kind="setup", **machine(), minutes=args.minutes, seeds=args.seeds, recipes=args.recipes, out=str(tmp),
+         replica=args.replica)
+    if args.replica:
+        main_replica(args, tmp)
+        return
     steps = steps_per_recipe(args.recipes, args, tmp)
     losses: dict[str, list[float]] = {name: [] for name in args.recipes}
     folders: dict[str, list[Path]] = {name: [] for name in args.recipes}
@@ -152,7 +288,7 @@ def main(argv=None) -> None:
         emit(kind="summary", recipe=name, steps=steps[name], mean_val_loss=mean, spread=max(values) - min(values),
              vs_baseline=None if baseline is None else mean - baseline, runs=len(values))
     if args.plot:
-        plot_curves(folders, args.minutes, Path(args.plot))
+        plot_curves(folders, args.minutes, "minutes of the budget", Path(args.plot))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ class ModelConfig:
     pad_vocab_to: int = knob(64, "embedding rows are padded to a multiple of this for fast matmuls")
     qk_norm: bool = knob(False, "RMSNorm each head's queries and keys before RoPE (as in OLMo 2 and Qwen3), "
                                 "which bounds the attention logits")
+    dropout: float = knob(0.0, "in training, drop this fraction of each residual branch's output (attention "
+                               "and MLP), against overfitting data repeated over many epochs (0 = off)")
 
     def __post_init__(self):
         _require_positive(self, "vocab_size", "n_layer", "n_head", "n_embd", "block_size",
@@ -60,6 +62,8 @@ class ModelConfig:
         if self.vocab_size < MIN_VOCAB:
             raise L1Error(f"vocab_size must be at least {MIN_VOCAB} for a byte-level BPE (256 bytes + end-of-text), "
                           f"got {self.vocab_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise L1Error(f"dropout must be in [0, 1), got {self.dropout}")
         if self.intermediate_size < 0:
             raise L1Error(f"intermediate_size must be >= 0 (0 = automatic), got {self.intermediate_size}")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
@@ -130,8 +134,14 @@ class TrainConfig:
 
     preset: str = knob("l1-gpu-compatible", "named preset to start from")
     out: str = knob("", "run folder (default: models/<preset>)")
-    max_steps: int = knob(5000, "total optimizer steps of the run (a resumed run stops at the same step)")
-    max_minutes: float = knob(0.0, "stop (and save) after this many minutes of this session (0 = no limit)")
+    max_steps: int = knob(5000, "total optimizer steps of the run (a resumed run stops at the same step); "
+                                "with --max_minutes an upper bound, 0 = none (the default there unless "
+                                "given: the budget sets the length)")
+    max_minutes: float = knob(0.0, "time budget of the run's training loop in minutes, summed over resumed "
+                                   "sessions: the lr schedule follows the elapsed time, so the run ends at the "
+                                   "deadline fully decayed (0 = no budget: the schedule follows the steps)")
+    early_stop: int = knob(0, "stop when the validation loss has not improved for N evaluations in a row "
+                              "(0 = never; the log notes every evaluation without improvement)")
     batch_size: int = knob(8, "sequences per micro-batch; auto (or 0) = the largest that fits the GPU, "
                               "found by a short probe (CUDA only)", auto=True)
     seq_len: int = knob(0, "tokens per training sequence (0 = the model's block_size)")
@@ -174,10 +184,12 @@ class TrainConfig:
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise L1Error(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
-        _require_positive(self, "max_steps", "grad_accum", "lr", "save_every", "keep",
+        _require_positive(self, "grad_accum", "lr", "save_every", "keep",
                           "eval_every", "eval_batches", "log_every", "max_bad_steps")
-        _require_non_negative(self, "max_minutes", "batch_size", "seq_len", "warmup_steps", "weight_decay",
-                              "grad_clip", "min_lr_ratio", "z_loss")
+        _require_non_negative(self, "max_steps", "max_minutes", "batch_size", "seq_len", "warmup_steps",
+                              "weight_decay", "grad_clip", "min_lr_ratio", "z_loss", "early_stop")
+        if not self.max_steps and not self.max_minutes:
+            raise L1Error("max_steps 0 (no step limit) needs a time budget: give --max_minutes, or max_steps > 0")
         if self.seq_len > self.model.block_size:
             raise L1Error(f"seq_len ({self.seq_len}) exceeds the model's block_size "
                           f"({self.model.block_size})")
@@ -349,13 +361,19 @@ def load_json(path: str | Path) -> dict:
 
 
 def resolve(overrides: dict, stored: dict | None = None, file_values: dict | None = None) -> TrainConfig:
-    """The effective config: preset <- stored run config <- JSON file <- command-line flags."""
+    """The effective config: preset <- stored run config <- JSON file <- command-line flags.
+
+    With a time budget (max_minutes) a step limit applies only where one was given, not the preset's.
+    """
     file_values = file_values or {}
     name = overrides.get("preset") or file_values.get("preset") or (stored or {}).get("preset") \
         or TrainConfig.preset
     values = merge(preset_dict(name), stored or {})
     values = merge(values, file_values)
-    return from_dict(merge(values, overrides))
+    values = merge(values, overrides)
+    if values.get("max_minutes") and not any("max_steps" in v for v in (stored or {}, file_values, overrides)):
+        values["max_steps"] = 0  # a time budget sets the run's length; the preset's step count does not bind
+    return from_dict(values)
 
 
 # ---- command line -----------------------------------------------------------------------------

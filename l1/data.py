@@ -54,8 +54,8 @@ from l1.tokenizer import Tokenizer
 
 FORMAT_VERSION = 3
 HUB_HOST = "huggingface.co"
-LOADERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
-KINDS = ".parquet, .jsonl, .json or .txt"
+LOADERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text", ".tokens": "text"}
+KINDS = ".parquet, .jsonl, .json or .txt"  # .tokens: WikiText's plain text, read as .txt
 SPLITS = ("train", "val")
 ENCODE_BATCH_BYTES = 4 << 20  # text per encode call: thousands of documents for every core, a bounded buffer
 SPLIT_BLOCK = 4096  # documents per seeded draw of the split

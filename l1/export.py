@@ -43,6 +43,7 @@ def export(run_or_checkpoint: str, out_dir: str, force: bool = False) -> Path:
     if cfg.qk_norm:  # Llama has no per-head query/key norms
         raise L1Error(f"{source} was trained with --qk_norm, which the Llama format cannot hold; "
                       "only models without it can be exported")
+    # --dropout needs nothing: it acts in training only, and the exported model is for inference.
     run.check_weights()
     weights = {name: t.float() for name, t in run.state["model"].items()}
     hf_cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size, pad_vocab_to=1)  # unpadded

@@ -198,10 +198,15 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
+        self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self._drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, layer))
+        return x + self._drop(self.mlp(self.mlp_norm(x)))
+
+    def _drop(self, branch):
+        """Dropout of a residual branch in training; no op (not even a copy) when off or in eval."""
+        return F.dropout(branch, self.dropout, training=True) if self.dropout and self.training else branch
 
 
 class GPT(nn.Module):

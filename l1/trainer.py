@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from l1 import checkpoint, config, plot, runtime
 from l1.checkpoint import CheckpointManager
-from l1.config import TrainConfig
+from l1.config import ModelConfig, TrainConfig
 from l1.data import BatchIterator, PreparedData, eval_batches, prepare
 from l1.errors import L1Error
 from l1.model import GPT
@@ -102,8 +102,17 @@ def _check_config_json(path: Path, stored_model: dict) -> None:
                       "or start over with --fresh")
 
 
-def _lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup, then cosine decay to the floor, or constant then a linear decay (wsd)."""
+def _lr_at(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to the floor, or constant then a linear decay (wsd).
+
+    Without a time budget the schedule follows the steps. With one (--max_minutes), it follows the
+    run's progress: the larger of its fraction of the budget (`seconds`, the training time spent
+    before this step; the loop passes the whole budget for the last step that fits) and its fraction
+    of max_steps once this step is done (an upper bound, if any), so the run ends fully decayed at
+    whichever end comes first. The warmup, still in steps, caps the lr.
+    """
+    if cfg.max_minutes:
+        return _budget_lr_at(cfg, step, seconds)
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     floor = cfg.lr * cfg.min_lr_ratio
@@ -113,6 +122,22 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
         return cfg.lr - (cfg.lr - floor) * progress
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def _budget_lr_at(cfg: TrainConfig, step: int, seconds: float) -> float:
+    """_lr_at under a time budget: the schedule as a function of the fraction of the run done."""
+    done = seconds / (cfg.max_minutes * 60)
+    if cfg.max_steps:
+        done = max(done, (step + 1) / cfg.max_steps)
+    done = min(1.0, done)
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        lr = cfg.lr - (cfg.lr - floor) * max(0.0, (done - (1.0 - cfg.decay_fraction)) / cfg.decay_fraction)
+    else:
+        lr = floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * done))
+    if step < cfg.warmup_steps:
+        lr = min(lr, cfg.lr * (step + 1) / cfg.warmup_steps)
+    return lr
 
 
 def _optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
@@ -244,7 +269,8 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train (or resume) the run in cfg.run_dir until max_steps, max_minutes or a stop signal.
+    """Train (or resume) the run in cfg.run_dir until max_steps, its time budget (max_minutes), early
+    stopping or a stop signal.
 
     The set-up, in order: device and precision (runtime.setup), the run folder and its log, the
     prepared corpus, the micro-batch size (--batch_size auto), then the run itself.
@@ -354,6 +380,7 @@ class _Run:
         self.optimizers = _optimizers(self.model, cfg, self.device)
         self.scaler = self.precision.grad_scaler()
         self.tokens_seen, self.best_val, self.saved_step = 0, float("inf"), -1
+        self.train_seconds, self.best_step, self.best_epoch, self.evals_since_best = 0.0, -1, 0, 0
         if state:
             self._load_state(state)
             log(f"resumed from {self.resumed_from.name} at step {self.step} (epoch {self.batches.epoch}, "
@@ -373,7 +400,8 @@ class _Run:
     def _refusal(self, state: dict) -> str | None:
         """Why a checkpoint cannot continue this run, or None."""
         ours = dataclasses.asdict(self.cfg.model)
-        theirs = state.get("model_config", {})
+        # A field added to ModelConfig after the checkpoint was written had its default then.
+        theirs = {**dataclasses.asdict(ModelConfig()), **state.get("model_config", {})}
         diff = [f"{k} {theirs.get(k)!r} vs {v!r}" for k, v in ours.items() if theirs.get(k) != v]
         if diff:
             return f"it holds a different model ({', '.join(diff)}, checkpoint vs now)"
@@ -384,6 +412,8 @@ class _Run:
 
     def _remaining_seconds(self) -> float:
         """A rough duration of the remaining steps, from the matmul roofline at a CPU-like MFU."""
+        if not self.cfg.max_steps:  # no step limit: only the time budget bounds the run
+            return float("inf")
         remaining = (self.cfg.max_steps - self.step) * self.tokens_per_step * self.flops_per_token
         return remaining / (self.peak * ASSUMED_CPU_MFU)
 
@@ -400,6 +430,10 @@ class _Run:
             "data_state": self.batches.state_dict(),
             "tokens_seen": self.tokens_seen,
             "best_val_loss": self.best_val,
+            "best_step": self.best_step,  # early stopping counts evaluations since the best one
+            "best_epoch": self.best_epoch,
+            "evals_since_best": self.evals_since_best,
+            "train_seconds": self.train_seconds,  # the time budget's clock (--max_minutes)
             "rng": runtime.rng_state(self.device),
             "model_config": dataclasses.asdict(self.cfg.model),
             "train_config": self.cfg.to_dict(),
@@ -412,6 +446,10 @@ class _Run:
         self.scaler.load_state_dict(state["scaler"])
         self.batches.load_state_dict(state["data_state"])
         self.step, self.tokens_seen, self.best_val = state["step"], state["tokens_seen"], state["best_val_loss"]
+        self.saved_step = self.step  # this state is on disk already
+        # Checkpoints written before early stopping and time budgets existed lack these counters.
+        self.best_step, self.best_epoch = state.get("best_step", -1), state.get("best_epoch", 0)
+        self.evals_since_best, self.train_seconds = state.get("evals_since_best", 0), state.get("train_seconds", 0.0)
         runtime.set_rng_state(state["rng"], self.device)
 
     def _announce(self):
@@ -430,9 +468,14 @@ class _Run:
                  f"{self.tokens_per_step:,} tokens/step, matmul roofline {self.peak / 1e12:.3g} TFLOP/s")
         if not HAS_MATPLOTLIB:
             self.log("matplotlib is not installed: no loss.png (pip install matplotlib to get it)")
+        if cfg.max_minutes:
+            self.log(f"time budget {cfg.max_minutes:g} minutes ({self.train_seconds:.0f}s spent): the lr "
+                     f"follows the training time, {cfg.schedule} down to the deadline"
+                     f"{f' or step {cfg.max_steps}, whichever comes first' if cfg.max_steps else ''}")
         if self.device.type != "cuda":
-            self.log(f"no CUDA GPU: training on {self.device}; the remaining {cfg.max_steps - self.step} "
-                     f"steps of {cfg.preset} would take about {_duration(self.remaining_seconds)} here")
+            ahead = (f"; the remaining {cfg.max_steps - self.step} steps of {cfg.preset} would take about "
+                     f"{_duration(self.remaining_seconds)} here" if cfg.max_steps else "")
+            self.log(f"no CUDA GPU: training on {self.device}{ahead}")
 
     # -- the loop --
 
@@ -453,18 +496,26 @@ class _Run:
 
     def _loop(self, stop: _StopFlag) -> tuple[float | None, bool]:
         cfg = self.cfg
-        started = time.monotonic()
+        budget = cfg.max_minutes * 60
+        started, resumed_seconds, session_steps = _seconds(), self.train_seconds, 0
         bad_in_a_row, val_loss, window = 0, None, _StepAverages()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+        bar = tqdm(total=cfg.max_steps or None, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=None)
         self.model.train()
-        while self.step < cfg.max_steps:
+        while not self._at_end():
+            if cfg.early_stop and self.evals_since_best >= cfg.early_stop:
+                bar.close()
+                return val_loss, self._stop(f"early stop: {self._stall()}; raise --early_stop (0 = off) "
+                                            "to train on")
             window.start()
-            def out_of_time() -> bool:
-                return bool(cfg.max_minutes) and time.monotonic() - started >= cfg.max_minutes * 60
-
-            loss, grad_norm, halt = self._train_step(_lr_at(cfg, self.step),
-                                                     lambda: stop.requested or out_of_time())
+            # The budget's clock is agreed by every rank at each step's sync, so all take the same lr.
+            per_step = (self.train_seconds - resumed_seconds) / session_steps if session_steps else 0.0
+            last = bool(budget) and self.train_seconds + 2 * per_step > budget  # no step would fit after it
+            loss, grad_norm, halt, self.train_seconds = self._train_step(
+                _lr_at(cfg, self.step, budget if last else self.train_seconds), lambda: stop.requested,
+                lambda: resumed_seconds + _seconds() - started)
+            session_steps += 1
+            last = last or bool(budget) and self.train_seconds >= budget  # a step that overran it ends the run too
             if self._bad_step(loss, grad_norm):
                 bad_in_a_row += 1
                 self.log(f"step {self.step}: non-finite loss or gradients (loss {loss}, grad norm {grad_norm}); "
@@ -475,19 +526,37 @@ class _Run:
                                   "the last good checkpoint, if any)")
             else:
                 bad_in_a_row = 0
-                val_loss = self._after_step(window, loss, grad_norm, val_loss)
+                val_loss = self._after_step(window, loss, grad_norm, val_loss, last)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")
             if halt:  # agreed by every rank, so none is left waiting in a collective
-                if self.saved_step != self.step:
-                    self._save(rolling=False, best=False)
-                why = "stop requested" if stop.requested else f"--max_minutes {cfg.max_minutes} reached"
-                self.log(f"{why}: stopped at step {self.step}; run the same command to continue")
                 bar.close()
-                return val_loss, True
+                return val_loss, self._stop("stop requested: stopped at step "
+                                            f"{self.step}; run the same command to continue")
         bar.close()
+        if self.saved_step != self.step:  # the budget ran out in a skipped (non-finite) step
+            self._save(rolling=False, best=False)
         self.log(f"done: step {self.step}, best validation loss {self.best_val:.4f}")
         return val_loss, False
+
+    def _at_end(self) -> bool:
+        """The run is over: max_steps reached or its time budget spent."""
+        cfg = self.cfg
+        return (bool(cfg.max_steps) and self.step >= cfg.max_steps) or \
+            (bool(cfg.max_minutes) and self.train_seconds >= cfg.max_minutes * 60)
+
+    def _stop(self, why: str) -> bool:
+        """End the run before its end (a stop signal, early stopping): save, say why. Returns True."""
+        if self.saved_step != self.step:
+            self._save(rolling=False, best=False)
+        self.log(why)
+        return True
+
+    def _stall(self) -> str:
+        """How long the validation loss has not improved, for the log."""
+        return (f"validation loss has not improved for {self.evals_since_best} evaluation(s), since step "
+                f"{self.best_step} (epoch {self.best_epoch}); {checkpoint.BEST} holds step {self.best_step} "
+                f"(val loss {self.best_val:.4f})")
 
     def _bad_step(self, loss: float, grad_norm: float) -> bool:
         """A non-finite step; with fp16 loss scaling, overflowing gradients are the scaler's job."""
@@ -495,31 +564,44 @@ class _Run:
             return not math.isfinite(loss)
         return not (math.isfinite(loss) and math.isfinite(grad_norm))
 
-    def _after_step(self, window: "_StepAverages", loss: float, grad_norm: float, val_loss: float | None):
-        """Count the step; log, evaluate and save on their schedules. Returns the latest val loss."""
+    def _after_step(self, window: "_StepAverages", loss: float, grad_norm: float, val_loss: float | None,
+                    last: bool):
+        """Count the step; log, evaluate and save on their schedules. Returns the latest val loss.
+
+        last: the time budget ends with this step (no room for another, or it overran the deadline)."""
         cfg = self.cfg
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         window.add(loss, grad_norm, self.tokens_per_step)
-        finished = self.step == cfg.max_steps
+        finished = self.step == cfg.max_steps or last
         if self.step % cfg.log_every == 0 or finished:
             self._log_train(window.flush())
         improved = False
         if self.step % cfg.eval_every == 0 or finished:
             val_loss = self._evaluate()
             improved = val_loss < self.best_val
-            self.best_val = min(self.best_val, val_loss)
+            if improved:
+                self.best_val, self.best_step, self.best_epoch = val_loss, self.step, self.batches.epoch
+                self.evals_since_best = 0
+            else:
+                self.evals_since_best += 1
+                self.log(self._stall())
+        if last:
+            self.log(f"time budget of {cfg.max_minutes:g} minutes spent at step {self.step} "
+                     f"({self.train_seconds:.1f}s of training)")
+            # The last step takes what is left of the budget (less than a step): a rerun finds it spent.
+            self.train_seconds = max(self.train_seconds, cfg.max_minutes * 60)
         rolling = self.step % cfg.save_every == 0
         if rolling or improved or finished:
             self._save(rolling=rolling, best=improved)
         return val_loss
 
-    def _train_step(self, lr: float, halt_requested) -> tuple[float, float, bool]:
-        """One optimizer step over the accumulation micro-batches: (mean loss, grad norm, halt).
+    def _train_step(self, lr: float, halt_requested, clock) -> tuple[float, float, bool, float]:
+        """One optimizer step over the accumulation micro-batches: (mean loss, grad norm, halt, seconds).
 
-        The single host sync per step reads loss, norm and halt_requested() (a stop signal or the time
-        limit) together, summed over ranks: non-finite updates are skipped and every rank stops after
-        the same step.
+        The single host sync per step reads loss, norm, halt_requested() (a stop signal) and clock()
+        (this rank's training seconds) together, summed over ranks: non-finite updates are skipped,
+        every rank stops after the same step, and all share one clock (the ranks' mean) for the lr.
         """
         device = self.device
         for optimizer in self.optimizers:
@@ -539,8 +621,9 @@ class _Run:
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = runtime.clip_grad_norm(self.wrapped, max_norm)
         halt = torch.tensor(float(halt_requested()), device=device)
-        stats = torch.stack([loss_sum, grad_norm.float(), halt])
-        loss_total, norm_value, halts = runtime.all_reduce_sum(stats, self.dist).tolist()
+        seconds = torch.tensor(float(clock()), device=device)
+        stats = torch.stack([loss_sum, grad_norm.float(), halt, seconds])
+        loss_total, norm_value, halts, seconds_total = runtime.all_reduce_sum(stats, self.dist).tolist()
         loss_value = loss_total / self.dist.world_size
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             for optimizer in self.optimizers:
@@ -548,7 +631,8 @@ class _Run:
         self.scaler.update()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        return loss_value, norm_value / self.dist.world_size if self.dist.enabled else norm_value, halts > 0
+        return (loss_value, norm_value / self.dist.world_size if self.dist.enabled else norm_value, halts > 0,
+                seconds_total / self.dist.world_size)
 
     @torch.no_grad()
     def _evaluate(self) -> float:
@@ -579,25 +663,30 @@ class _Run:
 
     def _save(self, rolling: bool, best: bool) -> None:
         state = self._state()
+        self.saved_step = self.step  # on every rank: whether to save again is decided alike (FSDP collectives)
         if not self.writes_files:
             return
         seconds = self.manager.save(state, rolling=rolling, best=best)
-        self.saved_step = self.step
         self.log(f"checkpoint of step {self.step} taken, training held {seconds:.2f}s; writing it in the background")
 
     def _log_train(self, stats: dict) -> None:
         tokens_per_s = stats["tokens"] / stats["seconds"]
         mfu = tokens_per_s * self.flops_per_token / (self.peak * self.dist.world_size)
         step_seconds = stats["seconds"] / stats["steps"]
-        eta = (self.cfg.max_steps - self.step) * step_seconds
+        etas = [(self.cfg.max_steps - self.step) * step_seconds] if self.cfg.max_steps else []
+        if self.cfg.max_minutes:
+            etas.append(max(0.0, self.cfg.max_minutes * 60 - self.train_seconds))
+        eta = min(etas)
         memory = runtime.memory_in_use(self.device)
         lr = self.optimizers[0].param_groups[0]["lr"]
-        self.log(f"step {self.step}/{self.cfg.max_steps} epoch {self.batches.epoch} loss {stats['loss']:.4f} "
+        total = f"/{self.cfg.max_steps}" if self.cfg.max_steps else ""
+        self.log(f"step {self.step}{total} epoch {self.batches.epoch} loss {stats['loss']:.4f} "
                  f"lr {lr:.2e} grad norm {stats['grad_norm']:.3f} tokens/s {tokens_per_s:,.0f} "
                  f"mfu {100 * mfu:.1f}% mem {memory / 2**30:.2f}GiB eta {_duration(eta)}")
         self.metrics.write(kind="train", step=self.step, epoch=self.batches.epoch, loss=stats["loss"], lr=lr,
                            grad_norm=stats["grad_norm"], tokens_per_s=tokens_per_s, mfu=mfu,
-                           memory_bytes=memory, tokens_seen=self.tokens_seen, time=time.time())
+                           memory_bytes=memory, tokens_seen=self.tokens_seen, train_seconds=self.train_seconds,
+                           time=time.time())
 
 
 class _StepAverages:
@@ -630,6 +719,11 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def _seconds() -> float:
+    """The time budget's clock: monotonic seconds (a test simulates it)."""
+    return time.monotonic()
 
 
 def _duration(seconds: float) -> str:

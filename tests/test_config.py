@@ -77,6 +77,8 @@ def test_only_given_flags_override():
     ({"seq_len": 4096}, "exceeds the model's block_size"),
     ({"data": {"val_fraction": 0.9}}, "val_fraction"),
     ({"beta2": 1.0}, "beta2"),
+    ({"max_steps": 0}, "needs a time budget"),
+    ({"early_stop": -1}, "early_stop must be >= 0"),
 ])
 def test_bad_values_are_refused_in_one_line(values, message):
     with pytest.raises(L1Error, match=message) as err:
@@ -116,3 +118,12 @@ def test_any_command_line_parses_or_fails_cleanly(argv):
         config.resolve(config.overrides_from_args(args))
     except L1Error as exc:
         assert "\n" not in str(exc)
+
+
+def test_a_time_budget_sets_the_length_unless_max_steps_is_given():
+    assert config.resolve({"preset": "tiny", "max_minutes": 5}).max_steps == 0
+    assert config.resolve({"preset": "tiny", "max_minutes": 5, "max_steps": 900}).max_steps == 900
+    assert config.resolve({"preset": "tiny", "max_minutes": 5}, file_values={"max_steps": 700}).max_steps == 700
+    stored = config.resolve({"preset": "tiny"}).to_dict()  # a resumed run keeps its own step count
+    assert config.resolve({"max_minutes": 5}, stored).max_steps == 800
+    assert config.resolve({"preset": "tiny"}).max_steps == 800

@@ -66,6 +66,21 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
+def test_dropout_acts_in_training_only():
+    cfg = ModelConfig(**{**SMALL.__dict__, "dropout": 0.3})
+    model, plain = small_model(cfg=cfg), small_model(cfg=SMALL)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
+    idx = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(model(idx), plain(idx)), "in eval mode the model is the plain one"
+        model.train()
+        torch.manual_seed(1)
+        first = model(idx)
+        assert not torch.allclose(first, plain(idx), atol=1e-3) and not torch.allclose(first, model(idx), atol=1e-3)
+        torch.manual_seed(1)
+        assert torch.equal(model(idx), first), "its masks come from torch's RNG (saved with a checkpoint)"
+
+
 def test_rmsnorm_backward_passes_gradcheck():
     x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(16, dtype=torch.float64, requires_grad=True)

@@ -193,7 +193,7 @@ def test_pip_install_provides_the_commands(tmp_path):
                            check=True, env=env, cwd=tmp_path, capture_output=True, text=True).stdout
     assert where.startswith(str(venv))
     for command, flag in (("l1-train", "--preset"), ("l1-generate", "--prompt"), ("l1-export", "--force"),
-                          ("l1-plot", "--log"), ("l1-info", "--json")):
+                          ("l1-plot", "--log"), ("l1-info", "--json"), ("l1-eval", "--max_tokens")):
         result = subprocess.run([str(bin_dir / command), "--help"], env=env, cwd=tmp_path, capture_output=True,
                                 text=True, timeout=60)
         assert result.returncode == 0, result.stderr

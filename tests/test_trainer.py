@@ -1,6 +1,7 @@
 """The trainer: exact resume, checkpoint layout and rotation, best tracking, signals, refusals."""
 
 import json
+import math
 import os
 import signal
 
@@ -317,3 +318,130 @@ def test_fp16_with_loss_scaling_trains_and_resumes(corpus, tmp_path, monkeypatch
     resumed = load_file(stopped / "run" / "latest_checkpoint.pt")
     assert_bitwise_equal(state["model"], resumed["model"])
     assert state["scaler"] == resumed["scaler"]
+
+
+def metrics(run, kind) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_early_stop_ends_an_overfitting_run_and_a_resume_keeps_the_count(corpus, tmp_path, monkeypatch):
+    """A high lr on a tiny corpus stops improving; --early_stop 2 ends the run there, saved, exit 0.
+    A run stopped between the two evaluations without improvement stops at the same step on resume,
+    with the same weights: the count survives in the checkpoint."""
+    flags = dict(max_steps=40, lr=0.05, warmup_steps=1, eval_every=2, save_every=100, early_stop=2)
+    assert train(tiny_args(corpus, tmp_path / "straight", **flags)) == 0
+    run = tmp_path / "straight" / "run"
+    stop = load_file(run / "latest_checkpoint.pt")
+    evals = metrics(run, "eval")
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert stop["step"] == evals[-1]["step"] < 40 and stop["evals_since_best"] == 2
+    assert [r["val_loss"] >= best["val_loss"] for r in evals[-2:]] == [True, True]
+    assert load_file(run / "best_checkpoint.pt")["step"] == best["step"] == stop["best_step"]
+    log = (run / "training.log").read_text()
+    assert (f"validation loss has not improved for 1 evaluation(s), since step {best['step']} (epoch 0); "
+            f"best_checkpoint.pt holds step {best['step']}") in log
+    assert f"early stop: validation loss has not improved for 2 evaluation(s), since step {best['step']}" in log
+
+    stop_during(monkeypatch, stop["step"] - 1)  # after the first evaluation without improvement
+    assert train(tiny_args(corpus, tmp_path / "stopped", **flags)) == 0
+    stopped = tmp_path / "stopped" / "run"
+    assert load_file(stopped / "latest_checkpoint.pt")["evals_since_best"] == 1
+    monkeypatch.undo()
+    assert train(tiny_args(corpus, tmp_path / "stopped", **flags)) == 0
+    resumed = load_file(stopped / "latest_checkpoint.pt")
+    assert resumed["step"] == stop["step"]
+    assert_bitwise_equal(stop["model"], resumed["model"])
+    assert train(tiny_args(corpus, tmp_path / "stopped", **flags)) == 0  # a rerun trains no further
+    assert load_file(stopped / "latest_checkpoint.pt")["step"] == stop["step"]
+    assert (stopped / "training.log").read_text().count("early stop:") == 2
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_learning_rate_follows_the_time_budget(schedule):
+    from l1.config import resolve
+
+    values = {"preset": "tiny", "max_minutes": 1.0, "warmup_steps": 10, "lr": 1.0, "min_lr_ratio": 0.1,
+              "schedule": schedule, "decay_fraction": 0.2}
+    cfg = resolve(values)
+    assert cfg.max_steps == 0, "a budget without --max_steps has no step limit"
+    lr = [trainer._lr_at(cfg, 50, seconds) for seconds in range(0, 61)]
+    assert lr[0] == pytest.approx(1.0) and lr[60] == pytest.approx(0.1) and trainer._lr_at(cfg, 50, 90) == pytest.approx(0.1)
+    assert all(b <= a + 1e-12 for a, b in zip(lr, lr[1:]))
+    if schedule == "wsd":
+        assert lr[:49] == [1.0] * 49 and lr[54] == pytest.approx(0.55)
+    else:
+        assert lr[30] == pytest.approx(0.55)
+    assert trainer._lr_at(cfg, 4, 59.0) == pytest.approx(min(0.5, lr[59]))  # the warmup caps the lr
+    capped = resolve({**values, "max_steps": 100})  # an upper bound: whichever end comes first decays
+    assert trainer._lr_at(capped, 99, 1.0) == pytest.approx(0.1)
+    assert trainer._lr_at(capped, 89, 1.0) == pytest.approx(0.55 if schedule == "wsd" else 0.1 + 0.45 * (
+        1 + math.cos(math.pi * 0.9)))
+    stepped = resolve({**values, "max_minutes": 0.0, "max_steps": 100})  # no budget: the time is ignored
+    assert [trainer._lr_at(stepped, s, 1e6) for s in range(100)] == [trainer._lr_at(stepped, s) for s in range(100)]
+
+
+def simulated_clock(monkeypatch, seconds_per_step: float):
+    """The budget's clock advances exactly seconds_per_step per training step (one reading per step)."""
+    readings = iter(range(10**6))
+    monkeypatch.setattr(trainer, "_seconds", lambda: next(readings) * seconds_per_step)
+
+
+def test_budgeted_run_ends_at_its_deadline_decayed_and_a_resume_keeps_the_clock(corpus, tmp_path, monkeypatch):
+    """--max_minutes 0.2 with steps of exactly 1 s: 12 steps, the lr a function of the training time
+    and the 12th at the floor; a run stopped at step 5 resumes the clock at 5 s and ends bitwise equal
+    to the straight one; a rerun finds the budget spent."""
+    flags = dict(max_minutes=0.2, max_steps=1000, schedule="wsd", decay_fraction=0.5, min_lr_ratio=0.1,
+                 warmup_steps=2, log_every=1, eval_every=1000, save_every=1000)
+    simulated_clock(monkeypatch, 1.0)
+    assert train(tiny_args(corpus, tmp_path / "straight", **flags)) == 0
+    straight = tmp_path / "straight" / "run"
+    final = load_file(straight / "latest_checkpoint.pt")
+    assert final["step"] == 12 and final["train_seconds"] == 12.0
+    cfg = trainer.configure({"out": str(straight)})
+    assert [r["lr"] for r in metrics(straight, "train")] == pytest.approx(
+        [trainer._lr_at(cfg, step, step) for step in range(11)] + [cfg.lr * 0.1])
+    assert "time budget of 0.2 minutes spent at step 12 (12.0s of training)" in (straight / "training.log").read_text()
+
+    stop_during(monkeypatch, 5)
+    simulated_clock(monkeypatch, 1.0)
+    assert train(tiny_args(corpus, tmp_path / "stopped", **flags)) == 0
+    stopped = tmp_path / "stopped" / "run"
+    assert load_file(stopped / "latest_checkpoint.pt")["train_seconds"] == 5.0
+    monkeypatch.undo()
+    simulated_clock(monkeypatch, 1.0)
+    assert train(tiny_args(corpus, tmp_path / "stopped", **flags)) == 0
+    resumed = load_file(stopped / "latest_checkpoint.pt")
+    assert (resumed["step"], resumed["train_seconds"]) == (12, 12.0)
+    assert_bitwise_equal(final["model"], resumed["model"])
+    assert train(tiny_args(corpus, tmp_path / "stopped", **flags)) == 0
+    assert "done: step 12" in (stopped / "training.log").read_text().splitlines()[-1]
+    assert load_file(stopped / "latest_checkpoint.pt")["step"] == 12
+
+
+def test_budgeted_run_on_the_real_clock_spends_its_budget(corpus, tmp_path):
+    """--max_minutes 0.1 in real time: the run ends once its budget is spent, long before max_steps,
+    its lr falling with the time."""
+    flags = dict(max_minutes=0.1, max_steps=100_000, schedule="cosine", warmup_steps=1, log_every=1,
+                 eval_every=100_000, save_every=100_000)
+    assert train(tiny_args(corpus, tmp_path, **flags)) == 0
+    run = tmp_path / "run"
+    final = load_file(run / "latest_checkpoint.pt")
+    assert final["train_seconds"] >= 6.0 and 0 < final["step"] < 100_000
+    records = metrics(run, "train")
+    lrs, seconds = [r["lr"] for r in records], [r["train_seconds"] for r in records]
+    assert all(b <= a for a, b in zip(lrs, lrs[1:])) and all(b > a for a, b in zip(seconds, seconds[1:]))
+    assert lrs[-1] < lrs[0]
+    assert f"time budget of 0.1 minutes spent at step {final['step']}" in (run / "training.log").read_text()
+
+
+def test_checkpoints_from_before_a_new_model_field_still_resume(corpus, tmp_path):
+    """A model field added later (with its default) does not make an older run "a different model"."""
+    from l1.checkpoint import save_file
+
+    assert train(tiny_args(corpus, tmp_path, max_steps=4)) == 0
+    path = tmp_path / "run" / "latest_checkpoint.pt"
+    state = load_file(path)
+    del state["model_config"]["dropout"], state["model_config"]["qk_norm"]  # as written before those knobs
+    save_file(state, path)
+    assert train(tiny_args(corpus, tmp_path, max_steps=6)) == 0
+    assert "resumed from latest_checkpoint.pt at step 4" in (tmp_path / "run" / "training.log").read_text()
