@@ -31,10 +31,10 @@ def assert_bitwise_equal(a: dict, b: dict):
 
 def assert_same_state(a: dict, b: dict, where: str = "") -> None:
     """Every tensor and value of two checkpoints equal, the RNG states included; only what names
-    the run itself (its folder, its identity) may differ."""
+    the run itself (its folder, its identity) and the wall-clock seconds it took may differ."""
     assert a.keys() == b.keys(), where
     for key in a:
-        if where == "" and key in ("train_config", "run_id"):
+        if where == "" and key in ("train_config", "run_id", "train_seconds"):
             continue
         x, y, here = a[key], b[key], f"{where}/{key}"
         if isinstance(x, torch.Tensor):
