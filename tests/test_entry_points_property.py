@@ -233,9 +233,13 @@ def call(main, argv, capsys, cwd: Path, stdin_text: str = "") -> tuple[int, str,
     return code, out, err
 
 
-def assert_refused(code, err):
-    assert code != 0
-    assert code == 2 and "error: " in err, (code, err[-2000:])
+def assert_outcome(world, code: int, err: str, valid) -> None:
+    """Exit 0 with valid() true, or exit 2 with an error line; the finished run untouched either way."""
+    if code == 0:
+        assert valid()
+    else:
+        assert code == 2 and "error: " in err, (code, err[-2000:])
+    assert_untouched(world)
 
 
 # ---- the properties -------------------------------------------------------------------------------
@@ -254,12 +258,12 @@ def test_train_with_bad_flags_and_files(world, capsys, data):
         argv = [resolve(v, writable=flag in ("--out", "--data_dir")) if flag in {f"--{n}" for n in PATH_FLAGS}
                 else v for flag, v in zip([""] + generated, generated)]
         code, out, err = call(train_gpu_compatible.main, base + argv, capsys, cwd=scratch)
-        if code == 0:  # a run trained and saved somewhere in scratch (--out may be any of the folders there)
+
+        def trained():  # a run trained and saved somewhere in scratch (--out may be any of the folders there)
             states = [load_file(p) for p in scratch.rglob("latest_checkpoint.pt")]
-            assert any(s["step"] >= 1 and all(torch.isfinite(t).all() for t in s["model"].values()) for s in states)
-        else:
-            assert_refused(code, err)
-        assert_untouched(world)
+            return any(s["step"] >= 1 and all(torch.isfinite(t).all() for t in s["model"].values()) for s in states)
+
+        assert_outcome(world, code, err, trained)
 
 
 @given(data=st.data())
@@ -273,11 +277,8 @@ def test_generate_with_bad_flags_and_files(world, capsys, data):
     stdin = data.draw(st.sampled_from(["", "\n\n", "Hello there\n", "a\nb\n", "\udcff\n", "x" * 300 + "\n"]), "stdin")
     code, out, err = call(generate_simple.main, ["--no-compile", "--max_tokens", "3", *argv], capsys,
                           cwd=world["root"], stdin_text=stdin)
-    if code == 0:  # a text for each prompt; --interactive says "error:" for a bad one and asks for the next
-        assert out.strip() or "--interactive" in argv
-    else:
-        assert_refused(code, err)
-    assert_untouched(world)
+    # A text for each prompt; --interactive says "error:" for a bad one and asks for the next.
+    assert_outcome(world, code, err, lambda: out.strip() or "--interactive" in argv)
 
 
 @given(data=st.data())
@@ -295,16 +296,15 @@ def test_export_with_bad_sources_and_targets(world, capsys, data):
         target = str(targets[data.draw(st.sampled_from(sorted(targets)), "target")])
         extra = data.draw(st.lists(st.sampled_from(["--force", "--bogus", "--json", "extra"]), max_size=2), "extra")
         code, out, err = call(export.main, [source, target, *extra], capsys, cwd=scratch)
-        if code == 0:
-            # The folder it names (the positionals may have been drawn in another order), relative to where it ran.
+
+        def exported():  # the folder it names (the positionals may be drawn in another order), relative to scratch
             hf = scratch / out.split("exported to ", 1)[1].split(": LlamaForCausalLM", 1)[0]
-            assert json.loads((hf / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-            assert (hf / export.WEIGHTS).stat().st_size > 0
-        else:
-            assert_refused(code, err)
+            return (json.loads((hf / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+                    and (hf / export.WEIGHTS).stat().st_size > 0)
+
+        assert_outcome(world, code, err, exported)
         assert (scratch / "full" / "keep.txt").read_text() == "mine"
         assert not list(scratch.rglob(".*export-*")) and not list(world["root"].rglob(".*export-*"))  # no debris
-        assert_untouched(world)
 
 
 @given(data=st.data())
@@ -314,13 +314,7 @@ def test_info_on_bad_runs(world, capsys, data):
     run = data.draw(st.one_of(RUN_OR_ANY.map(resolve), st.sampled_from(["-", "--json"])), "run")
     extra = data.draw(st.lists(st.sampled_from(["--json", "--bogus", "extra"]), max_size=2), "extra")
     code, out, err = call(info.main, [run, *extra], capsys, cwd=world["root"])
-    if code == 0:
-        if "--json" in extra:
-            assert isinstance(json.loads(out), dict)
-        assert out.strip()
-    else:
-        assert_refused(code, err)
-    assert_untouched(world)
+    assert_outcome(world, code, err, lambda: isinstance(json.loads(out), dict) if "--json" in extra else out.strip())
 
 
 @given(data=st.data())
@@ -337,10 +331,5 @@ def test_plot_on_bad_runs_and_outputs(world, capsys, data):
         extra = data.draw(st.lists(st.sampled_from(["--log", "--bogus"]), max_size=2), "extra")
         argv = [run, *extra] + (["--out", out_file] if out_file is not None else [])
         code, out, err = call(plot.main, argv, capsys, cwd=scratch)
-        if code == 0:
-            written = Path(out.strip())
-            assert written.is_file() and written.stat().st_size > 0
-        else:
-            assert_refused(code, err)
+        assert_outcome(world, code, err, lambda: Path(out.strip()).is_file() and Path(out.strip()).stat().st_size > 0)
         assert not list(scratch.rglob(".*.tmp"))
-        assert_untouched(world)

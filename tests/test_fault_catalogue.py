@@ -6,44 +6,21 @@ import errno
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import generate_simple
 import train_gpu_compatible
 from conftest import REPO, make_documents, run_script, tiny_args, write_parquet
 from l1 import checkpoint, export, info, plot
 from l1.checkpoint import load_file
+from test_refusals import finished, run, with_flag  # noqa: F401 (fixtures: a finished 4-step run, a copy of it)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def finished(corpus, tmp_path_factory):
-    """A finished run of 4 steps (one evaluation): built once, copied by `run` for each test."""
-    tmp = tmp_path_factory.mktemp("finished")
-    args = [str(a) for a in tiny_args(corpus, tmp, max_steps=4, save_every=2, eval_every=4, eval_batches=1,
-                                      n_embd=32, block_size=32, seq_len=16)]
-    assert train_gpu_compatible.main(args) == 0
-    return tmp / "run", args
-
-
-@pytest.fixture
-def run(finished, tmp_path):
-    """A private copy of the finished run, and its flags pointing at the copy."""
-    source, args = finished
-    copy = tmp_path / "run"
-    shutil.copytree(source, copy)
-    args = list(args)
-    args[args.index("--out") + 1] = str(copy)
-    return copy, args
 
 
 def snapshot(folder: Path) -> dict:
@@ -61,15 +38,6 @@ def refused(main, argv, capsys) -> str:
     capsys.readouterr()
     assert main(list(map(str, argv))) == 2
     return one_error_line(capsys.readouterr().err)
-
-
-def with_flag(args, flag, value):
-    args = list(args)
-    if flag in args:
-        args[args.index(flag) + 1] = str(value)
-    else:
-        args += [flag, str(value)]
-    return args
 
 
 def script(*argv, **popen) -> list[str]:
@@ -116,28 +84,34 @@ def test_sigterm_during_data_preparation_is_one_line_and_the_same_command_comple
     assert load_file(tmp_path / "run" / "latest_checkpoint.pt")["step"] == 1
 
 
-def test_sigint_twice_during_training_exits_at_once_and_loses_nothing(corpus, tmp_path):
-    args = [str(a) for a in tiny_args(corpus, tmp_path, max_steps=100000, save_every=2, eval_every=1000)]
-    run = tmp_path / "run"
-    with open(tmp_path / "log", "w") as log:
-        proc = subprocess.Popen(script("train_gpu_compatible.py", *args), cwd=REPO, env=ENV, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 120
-        while not (run / "latest_checkpoint.pt").exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
+TWO_CTRL_C = """
+import os, signal, sys, time
+import train_gpu_compatible
+from l1 import trainer
+step = trainer._Run._train_step
+def twice(self, *args):
+    if self.step == 3:  # two real Ctrl-C inside step 4, the first handled before the second arrives
+        os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)  # the second: leave now, without the save of the first
-        assert proc.wait(timeout=60) == 130
-    finally:
-        proc.kill()
-        proc.wait()
-    assert "Traceback" not in (tmp_path / "log").read_text()
-    step = load_file(run / "latest_checkpoint.pt")["step"]  # whatever was saved is intact
-    resumed = run_script("train_gpu_compatible.py", *with_flag(args, "--max_steps", step + 1))
+        os.kill(os.getpid(), signal.SIGINT)
+    return step(self, *args)
+trainer._Run._train_step = twice
+sys.exit(train_gpu_compatible.main(sys.argv[1:]))
+"""
+
+
+def test_sigint_twice_during_training_exits_at_once_and_loses_nothing(corpus, tmp_path):
+    args = [str(a) for a in tiny_args(corpus, tmp_path, max_steps=8, save_every=2, eval_every=1000)]
+    folder = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-c", TWO_CTRL_C, *args], cwd=REPO, env=ENV, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == 130 and "Traceback" not in killed.stderr, killed.stderr[-2000:]
+    assert killed.stderr.count("SIGINT received") == 1
+    assert load_file(folder / "latest_checkpoint.pt")["step"] == 2  # step 4 was neither finished nor saved
+    resumed = run_script("train_gpu_compatible.py", *with_flag(args, "--max_steps", "4"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"at step {step}" in resumed.stderr and load_file(run / "latest_checkpoint.pt")["step"] == step + 1
+    assert "resumed from latest_checkpoint.pt at step 2" in resumed.stderr
+    assert load_file(folder / "latest_checkpoint.pt")["step"] == 4
 
 
 # ---- full disks and places that cannot be written ---------------------------------------------------
@@ -272,9 +246,9 @@ def test_generate_from_a_checkpoint_whose_model_config_was_edited(run, capsys):
 def test_resume_with_an_edited_model_config_in_the_latest_checkpoint_falls_back(run, capsys):
     folder, args = run
     state = load_file(folder / "latest_checkpoint.pt")
-    state["model_config"]["n_embd"] = 64
+    state["model_config"]["n_embd"] = 96
     checkpoint.save_file(state, folder / "latest_checkpoint.pt")
-    assert train_gpu_compatible.main(with_flag(args, "--max_steps", 5)) == 0
+    assert train_gpu_compatible.main(with_flag(args, "--max_steps", "5")) == 0
     log = (folder / "training.log").read_text()
     assert "different model" in log and "resumed from checkpoint_epoch_0_step_4.pt at step 4" in log
     assert load_file(folder / "latest_checkpoint.pt")["step"] == 5
@@ -310,7 +284,7 @@ def test_data_folder_of_binary_junk_named_parquet(tmp_path, capsys):
 
 def test_resume_with_another_seq_len(run, capsys):
     folder, args = run
-    assert train_gpu_compatible.main(with_flag(with_flag(args, "--seq_len", 8), "--max_steps", 5)) == 0
+    assert train_gpu_compatible.main(with_flag(with_flag(args, "--seq_len", "8"), "--max_steps", "5")) == 0
     assert json.loads((folder / "training_args.json").read_text())["seq_len"] == 8
     assert load_file(folder / "latest_checkpoint.pt")["step"] == 5
 
@@ -326,6 +300,6 @@ def test_resume_with_another_seq_len(run, capsys):
     ("--max_minutes", "nan", "must be a finite float"),
 ])
 def test_config_checks_refuse_before_a_run_folder_exists(corpus, tmp_path, capsys, flag, value, message):
-    args = with_flag(tiny_args(corpus, tmp_path), flag, value)
+    args = with_flag(list(map(str, tiny_args(corpus, tmp_path))), flag, str(value))
     assert message in refused(train_gpu_compatible.main, args, capsys)
     assert not (tmp_path / "run").exists()
