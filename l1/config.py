@@ -314,6 +314,8 @@ def merge(base: dict, update: dict) -> dict:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     for key, value in update.items():
         if key in _SECTIONS and isinstance(value, dict):
+            if not isinstance(out.get(key, {}), dict):  # e.g. a --config file's "model": 5
+                raise L1Error(f"config {key!r} must be an object of fields, got {out[key]!r}")
             out[key] = {**out.get(key, {}), **value}
         else:
             out[key] = value

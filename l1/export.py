@@ -50,12 +50,14 @@ def export(run_or_checkpoint: str, out_dir: str, force: bool = False) -> Path:
     target = out.resolve()  # a name to build a sibling from, even for "."
     staging = target.with_name(f".{target.name}.export-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
-    staging.mkdir(parents=True)
     try:
+        staging.mkdir(parents=True)
         _write_config(staging, hf_cfg, tokenizer.eot_id)
         _write_weights(staging, weights, hf_cfg, tokenizer.vocab_size)
         _write_tokenizer(staging, tokenizer, cfg.block_size)
         _publish(staging, target)
+    except OSError as exc:  # a full disk, a read-only folder, a file where a folder should be
+        raise L1Error(f"cannot write {out}: {exc.strerror or exc}; free space or choose another folder") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -86,6 +88,9 @@ def _check_out_dir(out: Path, run_dir: Path, force: bool) -> Path:
     if out.resolve() == run_dir.resolve():
         # The run's own config.json and tokenizer.json would be overwritten, breaking resume.
         raise L1Error(f"{out} is the run folder itself; export to another folder")
+    if out.is_dir() and any((out / name).exists() for name in (checkpoint.RUN_ID, checkpoint.LATEST, checkpoint.BEST)):
+        # Another run's: even --force must not replace its config.json and tokenizer.json.
+        raise L1Error(f"{out} is an L1 run folder; export to another folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise L1Error(f"{out} is not empty; pass --force to write into it (files of the same names are replaced)")
     return out
@@ -93,14 +98,18 @@ def _check_out_dir(out: Path, run_dir: Path, force: bool) -> Path:
 
 def _write_weights(folder: Path, weights: dict, hf_cfg: ModelConfig, vocab_size: int) -> None:
     """model.safetensors in Llama's names; the tied embedding is stored once (as embed_tokens)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from l1.hf import to_llama_state_dict
 
     weights = {**weights, "embed.weight": weights["embed.weight"][:vocab_size]}
     llama = to_llama_state_dict(weights, hf_cfg)
-    # transformers refuses safetensors files whose metadata does not name the framework.
-    save_file(llama, folder / WEIGHTS, metadata={"format": "pt"})
+    try:
+        # transformers refuses safetensors files whose metadata does not name the framework.
+        save_file(llama, folder / WEIGHTS, metadata={"format": "pt"})
+    except SafetensorError as exc:  # its I/O errors (a full disk) are not OSErrors
+        raise OSError(str(exc)) from None
     shutil.copymode(folder / "config.json", folder / WEIGHTS)  # safetensors creates it owner-only (0600)
 
 

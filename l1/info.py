@@ -59,8 +59,16 @@ def _checkpoints(run: Path) -> list[dict]:
 
 
 def _train_args(run: Path, state: dict) -> dict:
+    """The run's training config, checked as a resume would check it (a mistyped file is refused)."""
     path = run / "training_args.json"
-    return config.load_json(path) if path.is_file() else state.get("train_config") or {}
+    if not path.is_file():
+        return state.get("train_config") or {}
+    values = config.load_json(path)
+    try:
+        config.from_dict(values, origin=str(path))
+    except L1Error as exc:
+        raise L1Error(f"{path} is damaged ({exc}); restore it, or delete it to use the checkpoint's own copy") from None
+    return values
 
 
 def _model_config(run: Path, state: dict) -> ModelConfig | None:
@@ -88,9 +96,16 @@ def _progress(run: Path, state: dict) -> dict:
     last = train[max(train)] if train else {}
     source = state or last
     best = min(evals.values(), key=lambda r: r["val_loss"]) if evals else {}
-    return {"step": source.get("step"), "epoch": source.get("epoch"), "tokens_seen": source.get("tokens_seen"),
-            "logged_step": max([*train, *evals], default=None), "best_val_loss": best.get("val_loss"),
-            "best_val_bpb": best.get("val_bpb"), "best_val_step": best.get("step")}
+
+    def number(record: dict, key: str):  # a hand-edited or damaged record may hold anything
+        value = record.get(key)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            else None
+
+    return {"step": number(source, "step"), "epoch": number(source, "epoch"),
+            "tokens_seen": number(source, "tokens_seen"), "logged_step": max([*train, *evals], default=None),
+            "best_val_loss": best.get("val_loss"), "best_val_bpb": number(best, "val_bpb"),
+            "best_val_step": best.get("step")}
 
 
 def _tokenizer_fingerprint(run: Path) -> str | None:

@@ -71,7 +71,7 @@ def read_series(path: str | Path) -> Series:
     steps = sorted(train)
     eval_steps = sorted(evals)
     return Series(train_step=steps, train_loss=[train[s]["loss"] for s in steps],
-                  lr=[train[s].get("lr", math.nan) for s in steps], eval_step=eval_steps,
+                  lr=[train[s]["lr"] if _finite(train[s].get("lr")) else math.nan for s in steps], eval_step=eval_steps,
                   val_loss=[evals[s]["val_loss"] for s in eval_steps])
 
 
@@ -152,7 +152,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, log_y: bool = F
         fig.savefig(tmp, format=out.suffix.lstrip(".") or "png")
         os.replace(tmp, out)
     except (OSError, ValueError) as exc:  # ValueError: a format matplotlib cannot write
-        tmp.unlink(missing_ok=True)
+        if tmp.is_file():  # half an image; where the folder is missing (or a file) there is nothing
+            tmp.unlink()
         raise L1Error(f"cannot write {out}: {exc}") from None
     return out
 
