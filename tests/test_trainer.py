@@ -301,7 +301,8 @@ def test_fp16_with_loss_scaling_trains_and_resumes(corpus, tmp_path, monkeypatch
 
     monkeypatch.setattr(runtime, "precision", lambda device, amp=None: runtime.Precision(device.type, torch.float16))
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert train(tiny_args(corpus, straight, max_steps=8, log_every=1)) == 0
+    flags = dict(max_steps=4, log_every=1, eval_every=4, eval_batches=1)  # CPU fp16 is emulated: keep it short
+    assert train(tiny_args(corpus, straight, **flags)) == 0
     log = (straight / "run" / "training.log").read_text()
     assert "precision torch.float16 autocast" in log
     state = load_file(straight / "run" / "latest_checkpoint.pt")
@@ -310,11 +311,11 @@ def test_fp16_with_loss_scaling_trains_and_resumes(corpus, tmp_path, monkeypatch
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
     original_step = trainer._Run._train_step
-    stop_during(monkeypatch, 4)
-    assert train(tiny_args(corpus, stopped, max_steps=8, log_every=1)) == 0
-    assert load_file(stopped / "run" / "latest_checkpoint.pt")["step"] == 4
+    stop_during(monkeypatch, 2)
+    assert train(tiny_args(corpus, stopped, **flags)) == 0
+    assert load_file(stopped / "run" / "latest_checkpoint.pt")["step"] == 2
     monkeypatch.setattr(trainer._Run, "_train_step", original_step)
-    assert train(tiny_args(corpus, stopped, max_steps=8, log_every=1)) == 0
+    assert train(tiny_args(corpus, stopped, **flags)) == 0
     resumed = load_file(stopped / "run" / "latest_checkpoint.pt")
     assert_bitwise_equal(state["model"], resumed["model"])
     assert state["scaler"] == resumed["scaler"]
