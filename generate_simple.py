@@ -7,7 +7,6 @@ stops the current continuation, Ctrl-D (or Ctrl-C at the prompt, exit code 130) 
 """
 
 import argparse
-import math
 import sys
 
 from l1 import config
@@ -28,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "CPUs with native bf16, bf16 on GPUs, else fp32 (default: auto)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the decoding step (tens of seconds once; CUDA graphs on GPUs); "
-                             "default: on CUDA, and with --interactive on CPU")
+                             "default: on CUDA only")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="end a sample before this text (may be given several times)")
     config.add_sampling_flags(parser)
@@ -86,8 +85,9 @@ def main(argv=None) -> int:
 
     lm = sampler.load(args.model_path, args.device, dtype=args.dtype)
     print(f"[{lm.path} | step {lm.step} | {lm.device} | {lm.dtype}]", file=sys.stderr)
-    # Compiling pays for a session of many continuations, or on CUDA (graphs), not for one text on a CPU.
-    if runtime.use_compile(lm.device, args.compile, math.inf if args.interactive else 0.0):
+    # The compiled step pays on CUDA (graphs); on a CPU it measured slower than eager over long caches
+    # (0.57x at context 1024, BENCHMARKS.md), so CPU decoding compiles only when --compile asks.
+    if runtime.use_compile(lm.device, args.compile, 0.0):
         sampler.compile_decoder(lm, log=lambda line: print(f"[{line}]", file=sys.stderr, flush=True))
     if args.interactive:
         interact(lm, cfg, tuple(args.stop))

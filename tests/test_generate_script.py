@@ -138,9 +138,9 @@ def test_misspelled_or_abbreviated_flags_are_usage_errors():
 def test_interactive_loads_once_compiles_and_continues_each_prompt(trained):
     one_shot = [generate("--model_path", trained, "--prompt", p, "--temperature", "0", "--max_tokens", "8")
                 for p in ("the quick brown", "over the lazy")]
-    # No --compile flag: the interactive default on a CPU with a C++ compiler is the compiled step.
-    result = generate("--model_path", trained, "--interactive", "--temperature", "0", "--max_tokens", "8",
-                      input="the quick brown\n\nover the lazy\n")
+    # --compile: the compiled step (a CPU's default is eager; see README, Sampling).
+    result = generate("--model_path", trained, "--interactive", "--compile", "--temperature", "0",
+                      "--max_tokens", "8", input="the quick brown\n\nover the lazy\n")
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("best_checkpoint.pt") == 1 and "compiled and warmed up" in result.stderr
     # Each continuation on its own line, the prompt not repeated: the compiled step's greedy text
