@@ -3,13 +3,15 @@
     python -m bench.recipe [--minutes 10] [--seeds 1 2 3] [--recipes baseline l1 wsd muon ...]
                            [--data ../shared/data/wikipedia-sample] [--out DIR] [--plot curves.png]
     python -m bench.recipe --replica [--epochs 2 4.9 8] [--seeds 1 2 3] [--recipes baseline wd0 ...]
+    python -m bench.recipe --minutes 5 --recipes baseline_fp32 l1_budget   # L1's time budget against the baseline
 
 Each recipe trains the tiny preset from scratch for the same wall-clock budget, turned into a
 step count so that every schedule runs to its end. The baseline's probe (a few timed steps)
 gives its step count. A recipe doing the same work per step (it changes only learning rates or
 the schedule) gets the same count; one that changes the work (another optimizer, an extra loss
 term, another batch or shape) is timed against the baseline in interleaved probes, one probe per
-distinct kind of work, and gets the count its relative cost allows. Seeds are the outer loop and recipes the inner one; for a
+distinct kind of work, and gets the count its relative cost allows. A budget recipe (l1_budget) is instead the tiny preset as it
+stands under --max_minutes: the trainer fits its own schedule to the clock. Seeds are the outer loop and recipes the inner one; for a
 given seed every recipe sees the same data order and the same validation batches. Prints one
 JSON object per probe and run, then a summary per recipe (mean over seeds and the spread).
 
@@ -43,7 +45,9 @@ BASELINE = {"lr_x": 1.0, "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.1, "sche
 WARMUP_FRACTION = 0.1
 RECIPES = {
     "baseline": BASELINE,
+    "baseline_fp32": {**BASELINE, "amp": False},  # the textbook form: fp32 even where bf16 is native
     "l1": {},  # the tiny preset as it stands
+    "l1_budget": {"budget": True},  # the tiny preset as it stands, given --max_minutes instead of steps
     "high_lr": {**BASELINE, "lr": 4e-3},
     "wsd": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},
     "wsd_high_lr": {**BASELINE, "lr": 4e-3, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},
@@ -78,13 +82,17 @@ def run_config(name: str, seed: int, args, max_steps: int, **overrides) -> confi
     """The resolved TrainConfig of one recipe and seed, warming up over 10% of max_steps."""
     recipe = dict(RECIPES[name])
     lr_x = recipe.pop("lr_x", None)
+    if recipe.pop("budget", False):  # the preset's own warmup; the time budget sets the length
+        overrides = {"max_minutes": args.minutes, **overrides}
+        max_steps, warmup = 0, config.preset_dict("tiny")["warmup_steps"]
+    else:
+        warmup = max(1, round(WARMUP_FRACTION * max_steps))
     base = config.merge({"preset": "tiny", "seed": seed, "log_every": 10, "eval_batches": args.eval_batches,
                          "keep": 1, "data": {"data": args.data, "data_dir": args.data_dir,
                                              "max_docs": args.max_docs}}, REPLICA if args.replica else {})
     base = config.merge(base, recipe)
     if lr_x:
         base["lr"] = lr_x * TEXTBOOK_LR / config.resolve(base).model.n_embd
-    warmup = max(1, round(WARMUP_FRACTION * max_steps))
     return config.resolve(config.merge(base, {"max_steps": max_steps, "warmup_steps": warmup, **overrides}))
 
 
@@ -100,17 +108,20 @@ def probe_step_seconds(name: str, args, folder: Path) -> float:
 
 def work(cfg: config.TrainConfig) -> tuple:
     """What sets the work of a training step: shapes, batch, optimizer, loss terms (not lr or schedule)."""
-    return (cfg.batch_size, cfg.grad_accum, cfg.context, cfg.optimizer, cfg.z_loss > 0,
+    return (cfg.batch_size, cfg.grad_accum, cfg.context, cfg.optimizer, cfg.z_loss > 0, cfg.amp,
             sorted(dataclasses.asdict(cfg.model).items()))
 
 
 def steps_per_recipe(names: list[str], args, tmp: Path) -> dict[str, int]:
     """Each recipe's step count for the budget: the baseline's, scaled by measured relative cost.
 
-    One probe stands for all recipes of the same work per step (the first of them named).
+    One probe stands for all recipes of the same work per step (the first of them named). A budget
+    recipe needs no count (0): the trainer runs it for --minutes.
     """
+    budgeted = {name for name in names if RECIPES[name].get("budget")}
+    reference = "baseline_fp32" if "baseline_fp32" in names else "baseline"
     kinds = {name: repr(work(run_config(name, args.seeds[0], args, args.probe_steps)))
-             for name in ["baseline", *names]}
+             for name in [reference, *names] if name not in budgeted}
     probed: dict[str, str] = {}
     for name in kinds:
         probed.setdefault(kinds[name], name)
@@ -120,19 +131,21 @@ def steps_per_recipe(names: list[str], args, tmp: Path) -> dict[str, int]:
             seconds = probe_step_seconds(name, args, tmp / f"probe-{name}-{round_}")
             times[name].append(seconds)
             emit(kind="probe", recipe=name, round=round_, step_s=seconds)
-    baseline_s = statistics.median(times["baseline"])
+    baseline_s = statistics.median(times[reference])
     baseline_steps = max(args.probe_steps, int(args.minutes * 60 / baseline_s))
-    steps = {}
-    for name in names:
+    steps = dict.fromkeys(budgeted, 0)
+    for name in kinds.keys() & set(names):
         relative = statistics.median(times[probed[kinds[name]]]) / baseline_s
         steps[name] = max(args.probe_steps, round(baseline_steps / relative))
         emit(kind="budget", recipe=name, relative_cost=relative, steps=steps[name])
     return steps
 
 
-def plot_curves(runs: dict[str, list[Path]], span: float, x_label: str, path: Path, kind: str = "train") -> None:
+def plot_curves(runs: dict[str, list[Path]], span: float, x_label: str, path: Path, kind: str = "train",
+                clock: bool = False) -> None:
     """Loss (mean over seeds) against the run's progress (0 to span, e.g. minutes or epochs), one line
-    per recipe: the training loss (kind "train") or the validation loss (kind "eval")."""
+    per recipe: the training loss (kind "train") or the validation loss (kind "eval"). clock: against
+    the training clock in minutes instead (runs of one recipe may differ in steps: their common ones)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -145,7 +158,11 @@ def plot_curves(runs: dict[str, list[Path]], span: float, x_label: str, path: Pa
         steps = sorted(set.intersection(*(set(s) for s in series)))
         last = steps[-1]
         loss = [statistics.mean(s[step][column] for s in series) for step in steps]
-        ax.plot([span * step / last for step in steps], loss, label=name)
+        if clock:
+            x = [statistics.mean(s[step]["train_seconds"] for s in series) / 60 for step in steps]
+        else:
+            x = [span * step / last for step in steps]
+        ax.plot(x, loss, label=name)
     ax.set_xlabel(x_label)
     ax.set_ylabel(f"{'training' if kind == 'train' else 'validation'} loss "
                   f"(mean of {len(next(iter(runs.values())))} seeds)")
@@ -269,27 +286,33 @@ def main(argv=None) -> None:
         main_replica(args, tmp)
         return
     steps = steps_per_recipe(args.recipes, args, tmp)
-    losses: dict[str, list[float]] = {name: [] for name in args.recipes}
+    results: list[dict] = []
     folders: dict[str, list[Path]] = {name: [] for name in args.recipes}
     for seed in args.seeds:
         for name in args.recipes:
             n = steps[name]
-            cfg = run_config(name, seed, args, n, eval_every=n, save_every=n, out=str(tmp / f"{name}-{seed}"))
+            every = n or 10**9  # evaluate and save at the end only (a budget run ends at its deadline)
+            cfg = run_config(name, seed, args, n, eval_every=every, save_every=every, out=str(tmp / f"{name}-{seed}"))
             result = trainer.train(cfg)
-            records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-            final = [r for r in records if r["kind"] == "eval"][-1]
-            losses[name].append(final["val_loss"])
+            train, evals = plot.read_records(cfg.run_dir / plot.METRICS)
+            final = evals[max(evals)]
             folders[name].append(cfg.run_dir)
-            emit(kind="run", recipe=name, seed=seed, steps=result.step, tokens=final["tokens_seen"],
-                 val_loss=final["val_loss"], val_bpb=final["val_bpb"])
-    baseline = statistics.mean(losses["baseline"]) if "baseline" in losses else None
-    for name, values in losses.items():
-        mean = statistics.mean(values)
-        emit(kind="summary", recipe=name, steps=steps[name], mean_val_loss=mean, spread=max(values) - min(values),
-             vs_baseline=None if baseline is None else mean - baseline, runs=len(values))
+            results.append({"recipe": name, "seed": seed, "steps": result.step, "tokens": final["tokens_seen"],
+                            "train_seconds": train[max(train)]["train_seconds"], "val_loss": final["val_loss"],
+                            "val_bpb": final["val_bpb"]})
+            emit(kind="run", **results[-1])
+    reference = "baseline_fp32" if "baseline_fp32" in args.recipes else "baseline"
+    base = {r["seed"]: r for r in results if r["recipe"] == reference}
+    for name in args.recipes:
+        runs = [r for r in results if r["recipe"] == name]
+        losses = [r["val_loss"] for r in runs]
+        emit(kind="summary", recipe=name, steps=[r["steps"] for r in runs],
+             train_seconds=[round(r["train_seconds"], 1) for r in runs], mean_val_loss=statistics.mean(losses),
+             spread=max(losses) - min(losses), mean_val_bpb=statistics.mean(r["val_bpb"] for r in runs),
+             bpb_vs_baseline=[r["val_bpb"] / base[r["seed"]]["val_bpb"] - 1 for r in runs if r["seed"] in base]
+             or None, baseline=reference, runs=len(runs))
     if args.plot:
-        plot_curves(folders, args.minutes, "minutes of the budget", Path(args.plot))
-
+        plot_curves(folders, args.minutes, "minutes of training", Path(args.plot), clock=True)
 
 if __name__ == "__main__":
     main()
