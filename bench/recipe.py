@@ -68,6 +68,16 @@ RECIPES = {
     "muon_x": {**BASELINE, "optimizer": "muon"},  # Muon at the baseline's lr (scaled to AdamW's RMS)
     "muon_qk_norm": {**BASELINE, "optimizer": "muon", "model": {"qk_norm": True}},
     "dropout": {**BASELINE, "model": {"dropout": 0.1}},
+    # Combinations of the screening's winners (WSD, half the batch, Muon with QK-norm).
+    "wsd_long_decay": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.5, "min_lr_ratio": 0.0},
+    "wsd_batch_half": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0, "batch_size": 4},
+    "muon_qk_wsd": {**BASELINE, "optimizer": "muon", "model": {"qk_norm": True}, "schedule": "wsd",
+                    "decay_fraction": 0.2, "min_lr_ratio": 0.0},
+    "muon_qk_lr_x2": {**BASELINE, "optimizer": "muon", "model": {"qk_norm": True}, "lr_x": 2.0},
+    "muon_qk_wsd_batch_half": {**BASELINE, "optimizer": "muon", "model": {"qk_norm": True}, "schedule": "wsd",
+                               "decay_fraction": 0.2, "min_lr_ratio": 0.0, "batch_size": 4},
+    # GPT-2's init std 0.02 was set for width 768; scaled as 1/sqrt(width) it is 0.057 at the replica's 96.
+    "init_wide": {**BASELINE, "model": {"init_std": 0.02 * (768 / 96) ** 0.5}},
 }
 TEXTBOOK_LR = 6e-4 * 768  # GPT-3 small's lr at width 768, scaled as 1/width
 # The flagship's regime, scaled down to a few minutes a run on 2 CPU cores: 4 blocks like the
