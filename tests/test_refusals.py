@@ -3,6 +3,7 @@ run folder exactly as it was. Each case is a real command line (in-process main,
 where the input is bytes)."""
 
 import errno
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import generate_simple
 import train_gpu_compatible
 from conftest import REPO, one_error_line, snapshot, with_flag
 from l1 import info, trainer
-from l1.checkpoint import load_file
+from l1.checkpoint import RunLock, load_file
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -25,6 +26,22 @@ def test_resume_flags_that_contradict_the_run_are_refused(run, capsys, flag, val
     assert train_gpu_compatible.main(with_flag(args, flag, value)) == 2
     assert message in one_error_line(capsys.readouterr().err)
     assert snapshot(folder) == before
+
+
+def test_a_second_trainer_on_a_locked_run_touches_nothing_before_its_refusal(run, capsys):
+    """Refused by the lock of a run that another trainer holds, train() has written nothing into the
+    folder: the same files with the same bytes and mtimes, the folder's own mtime included."""
+    folder, args = run
+
+    def mtimes():
+        return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in [folder, *folder.rglob("*")]}
+
+    with RunLock(folder):  # the other trainer
+        before = snapshot(folder), mtimes()
+        assert train_gpu_compatible.main(with_flag(args, "--max_steps", "8")) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert (snapshot(folder), mtimes()) == before
+    assert f"run folder {folder} is in use by another trainer (PID {os.getpid()})" in line
 
 
 def test_deleted_training_args_resume_from_the_checkpoints_config(run, capsys):
