@@ -274,6 +274,13 @@ def batched(docs: Iterator[str]) -> Iterator[list[str]]:
         yield batch
 
 
+def end_of_text_joined(ids: list[list[int]], eot_id: int, dtype) -> np.ndarray:
+    """The documents' ids as one stream, an end-of-text id after each: the trainer's token stream."""
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    return np.insert(flat, np.cumsum(lengths), eot_id)
+
+
 # ---- the split ----------------------------------------------------------------------------------
 
 def split_mask(first: int, n: int, fraction: float, seed: int) -> np.ndarray:
@@ -394,9 +401,7 @@ class ShardWriter:
 
     def write(self, docs: list[str], ids: list[list[int]], eot_id: int) -> bool:
         """Append the documents' ids, an end-of-text id after each; True if a shard was completed."""
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum()))
-        flat = np.insert(flat, np.cumsum(lengths), eot_id)
+        flat = end_of_text_joined(ids, eot_id, self.dtype)
         self.documents += len(docs)
         self.text_bytes += sum(len(d.encode("utf-8")) for d in docs)
         completed = False

@@ -33,19 +33,16 @@ import torch
 from l1 import checkpoint, runtime
 from l1.cli import entry_point
 from l1.config import DataConfig
-from l1.data import batched, documents
+from l1.data import batched, documents, end_of_text_joined
 from l1.errors import L1Error
 from l1.tokenizer import Tokenizer
 
 
 def tokenize(docs: list[str], tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
     """The documents' token ids as the trainer writes them (end-of-text after each), and their UTF-8 bytes."""
-    ids: list[int] = []
-    for batch in batched(iter(docs)):
-        for doc in tokenizer.encode_documents(batch):
-            ids += doc
-            ids.append(tokenizer.eot_id)
-    return np.array(ids, dtype=np.int64), sum(len(d.encode("utf-8")) for d in docs)
+    streams = [end_of_text_joined(tokenizer.encode_documents(batch), tokenizer.eot_id, np.int64)
+               for batch in batched(iter(docs))]
+    return np.concatenate([np.zeros(0, np.int64), *streams]), sum(len(d.encode("utf-8")) for d in docs)
 
 
 @torch.no_grad()

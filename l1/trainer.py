@@ -282,8 +282,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     try:
         writes_files = rt.dist.is_main  # only the main rank writes files
         if writes_files:
-            _make_run_dir(cfg.run_dir)
-            lock = checkpoint.RunLock(cfg.run_dir).acquire()  # one trainer per folder, for the whole run
+            lock = _lock_run_dir(cfg.run_dir)
         runtime.barrier(rt.dist)
         logger = _make_logger(cfg.run_dir, writes_files)
         data = _prepare_data(cfg, rt.dist, logger.info)
@@ -296,15 +295,23 @@ def train(cfg: TrainConfig) -> TrainResult:
         runtime.shutdown_distributed(rt.dist)
 
 
-def _make_run_dir(run_dir: Path) -> None:
-    """Create the run folder and prove it writable before any work goes into it."""
+def _lock_run_dir(run_dir: Path) -> checkpoint.RunLock:
+    """Create the run folder, take its lock (one trainer per folder, for the whole run), then prove
+    the folder writable before any work goes into it. Nothing is written into it before the lock is
+    held, so a trainer refused by the lock leaves the folder as it was."""
+    lock = None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock = checkpoint.RunLock(run_dir).acquire()
+        # The lock file may be writable where the folder is not (a read-only folder that holds one).
         probe = run_dir / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
+        if lock:
+            lock.release()
         raise L1Error(f"run folder {run_dir} is not writable ({exc.strerror}); choose another --out") from None
+    return lock
 
 
 def _prepare_data(cfg: TrainConfig, dist: runtime.Distributed, log) -> PreparedData:

@@ -1,13 +1,17 @@
-"""Shared fixtures: a small synthetic corpus and a tiny, fast training configuration."""
+"""Shared fixtures: a small synthetic corpus, a tiny, fast training configuration, a finished run to
+copy, and the helpers that check a refusal (one error line, files unchanged)."""
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import train_gpu_compatible
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = REPO.parent / "shared" / "data" / "wikipedia-sample"
@@ -62,6 +66,46 @@ def tiny_args(corpus: Path, tmp: Path, **extra) -> list[str]:
     for key, value in values.items():
         args += [f"--{key}", str(value)]
     return args
+
+
+@pytest.fixture(scope="module")
+def finished(corpus, tmp_path_factory):
+    """A tiny run trained to step 4 (once per module that asks), and the flags that trained it."""
+    tmp = tmp_path_factory.mktemp("finished")
+    args = [str(a) for a in tiny_args(corpus, tmp, max_steps=4)]
+    assert train_gpu_compatible.main(args) == 0
+    return tmp / "run", args
+
+
+@pytest.fixture
+def run(finished, tmp_path):
+    """A private copy of the finished run, and its flags pointing at the copy."""
+    source, args = finished
+    copy = tmp_path / "run"
+    shutil.copytree(source, copy)
+    return copy, with_flag(args, "--out", str(copy))
+
+
+def with_flag(args: list[str], flag: str, value: str) -> list[str]:
+    """A copy of args with flag set to value: replaced where args give it, else appended."""
+    args = list(args)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    return args
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under folder (relative name -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error_line(err: str) -> str:
+    """The one `error: ` line of a command's stderr (other lines may come around it), with no traceback."""
+    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
 
 
 def run_script(script: str, *args, cwd=REPO, timeout=300, **popen) -> subprocess.CompletedProcess:

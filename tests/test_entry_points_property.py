@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import generate_simple
 import train_gpu_compatible
-from conftest import tiny_args
+from conftest import snapshot, tiny_args
 from l1 import config, export, info, plot
 from l1.checkpoint import load_file
 
@@ -40,11 +40,6 @@ SETTINGS = settings(max_examples=DEEPER or 40, deadline=None, derandomize=not DE
 FINISHED_STEP = 3
 
 # ---- the world the examples run in: a finished run and damaged files, built once per module --------
-
-
-def tree(folder: Path) -> dict:
-    """Every file under folder (relative name -> bytes)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +88,8 @@ def world(corpus, tmp_path_factory):
                 ckpt.write_bytes(ckpt.read_bytes()[:4000])
         paths[name] = copy
     return World({"root": root, "run": run, "paths": paths, "prepared": root / "data", "args": args,
-                  "snapshot": {"run": tree(run), "prepared": {p: tree(p) for p in (root / "data").iterdir()}}})
+                  "snapshot": {"run": snapshot(run),
+                               "prepared": {p: snapshot(p) for p in (root / "data").iterdir()}}})
 
 
 class World(dict):
@@ -106,8 +102,8 @@ class World(dict):
 def assert_untouched(world):
     """The finished run and its prepared corpus hold the same files with the same bytes (other
     settings may prepare other corpora beside it)."""
-    assert tree(world["run"]) == world["snapshot"]["run"]
-    assert {p: tree(p) for p in world["snapshot"]["prepared"]} == world["snapshot"]["prepared"]
+    assert snapshot(world["run"]) == world["snapshot"]["run"]
+    assert {p: snapshot(p) for p in world["snapshot"]["prepared"]} == world["snapshot"]["prepared"]
 
 
 # ---- values ---------------------------------------------------------------------------------------
@@ -214,6 +210,14 @@ class Resolver:
         return str(copy)
 
 
+@contextlib.contextmanager
+def scratch_folder(world):
+    """A fresh scratch folder for one example, and a Resolver copying into it. Not a fixture:
+    hypothesis runs every example of a test inside one call of its function-scoped fixtures."""
+    with tempfile.TemporaryDirectory() as scratch:
+        yield Path(scratch), Resolver(world, Path(scratch))
+
+
 def call(main, argv, capsys, cwd: Path, stdin_text: str = "") -> tuple[int, str, str]:
     """main(argv) in-process, in folder cwd (an empty path means "."), with stdin_text on standard
     input: (exit status, stdout, stderr)."""
@@ -247,9 +251,7 @@ def assert_outcome(world, code: int, err: str, valid) -> None:
 @given(data=st.data())
 @SETTINGS
 def test_train_with_bad_flags_and_files(world, capsys, data):
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
-        resolve = Resolver(world, scratch)
+    with scratch_folder(world) as (scratch, resolve):
         # The base command: a cheap new run in scratch; the generated flags come after and win.
         base = list(world["args"])
         base[base.index("--out") + 1] = str(scratch / "new")
@@ -284,11 +286,9 @@ def test_generate_with_bad_flags_and_files(world, capsys, data):
 @given(data=st.data())
 @SETTINGS
 def test_export_with_bad_sources_and_targets(world, capsys, data):
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
+    with scratch_folder(world) as (scratch, resolve):
         (scratch / "full").mkdir()
         (scratch / "full" / "keep.txt").write_text("mine")
-        resolve = Resolver(world, scratch)
         source = data.draw(st.one_of(RUN_OR_ANY.map(resolve), st.sampled_from(["", "-", "--force"])), "source")
         targets = {"new": scratch / "hf", "nested_new": scratch / "a" / "b", "full": scratch / "full",
                    "run": world["run"], "binary": world["paths"]["binary"],
@@ -320,9 +320,7 @@ def test_info_on_bad_runs(world, capsys, data):
 @given(data=st.data())
 @SETTINGS
 def test_plot_on_bad_runs_and_outputs(world, capsys, data):
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
-        resolve = Resolver(world, scratch)
+    with scratch_folder(world) as (scratch, resolve):
         run = data.draw(RUN_OR_ANY.map(lambda name: resolve(name, writable=True)), "run")
         outs = [None, str(scratch / "loss.png"), str(scratch / "plot.svg"), str(scratch / "missing" / "x.png"),
                 str(scratch), str(world["paths"]["under_file"] / "x.png"), str(scratch / "x.bogus"),

@@ -8,11 +8,13 @@ import sys
 import numpy as np
 import pytest
 
+import l1.data
 import train_gpu_compatible
 from conftest import REPO, make_documents, tiny_args, write_parquet
 from l1 import eval as l1_eval
 from l1.checkpoint import load_file
-from l1.data import split_mask
+from l1.config import DataConfig
+from l1.data import prepare, split_mask
 from l1.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,6 +52,21 @@ def test_eval_matches_the_trainers_validation(run, capsys):
     assert got["loss"] == pytest.approx(record["val_loss"], rel=1e-5)
     assert got["bits_per_byte"] == pytest.approx(record["val_bpb"], rel=1e-5)
     assert got["perplexity"] == pytest.approx(math.exp(got["loss"]))
+
+
+def test_tokenize_is_the_prepared_validation_stream_across_batches_and_shards(tmp_path, monkeypatch):
+    """Encoded a few documents per batch and written into many shards, the trainer's validation
+    stream is l1.eval's tokens of the same documents, id for id (a literal end-of-text is text)."""
+    monkeypatch.setattr(l1.data, "ENCODE_BATCH_BYTES", 1000)
+    docs = [d + " <|endoftext|> inside" if i % 7 == 3 else d for i, d in enumerate(make_documents(200))]
+    write_parquet(tmp_path / "src" / "a.parquet", docs)
+    data = prepare(DataConfig(data=str(tmp_path / "src"), data_dir=str(tmp_path / "data"), val_fraction=0.3,
+                              shard_tokens=500), 400, seed=7, log=lambda line: None)
+    val_docs = [d for d, is_val in zip(docs, split_mask(0, len(docs), 0.3, 7)) if is_val]
+    tokens, text_bytes = l1_eval.tokenize(val_docs, data.tokenizer)
+    assert len(data.meta["splits"]["val"]["shards"]) > 3 and sum(map(len, val_docs)) > 5 * 1000
+    assert tokens.dtype == np.int64 and np.array_equal(tokens, data.tokens("val")[:].astype(np.int64))
+    assert text_bytes == data.meta["splits"]["val"]["text_bytes"]
 
 
 def test_whole_text_bits_per_byte_and_runs_side_by_side(run, capsys):

@@ -15,22 +15,11 @@ import pytest
 
 import generate_simple
 import train_gpu_compatible
-from conftest import REPO, make_documents, run_script, tiny_args, write_parquet
+from conftest import REPO, make_documents, one_error_line, run_script, snapshot, tiny_args, with_flag, write_parquet
 from l1 import checkpoint, export, info, plot
 from l1.checkpoint import load_file
-from test_refusals import finished, run, with_flag  # noqa: F401 (fixtures: a finished 4-step run, a copy of it)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def refused(main, argv, capsys) -> str:

@@ -3,7 +3,7 @@ run folder exactly as it was. Each case is a real command line (in-process main,
 where the input is bytes)."""
 
 import errno
-import shutil
+import os
 import subprocess
 import sys
 
@@ -11,64 +11,37 @@ import pytest
 
 import generate_simple
 import train_gpu_compatible
-from conftest import REPO, tiny_args
+from conftest import REPO, one_error_line, snapshot, with_flag
 from l1 import info, trainer
-from l1.checkpoint import load_file
+from l1.checkpoint import RunLock, load_file
 
 
-@pytest.fixture(scope="module")
-def finished(corpus, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("finished")
-    args = [str(a) for a in tiny_args(corpus, tmp, max_steps=4)]
-    assert train_gpu_compatible.main(args) == 0
-    return tmp / "run", args
-
-
-@pytest.fixture
-def run(finished, tmp_path):
-    """A private copy of the finished run, and its flags pointing at the copy."""
-    source, args = finished
-    copy = tmp_path / "run"
-    shutil.copytree(source, copy)
-    args = list(args)
-    args[args.index("--out") + 1] = str(copy)
-    return copy, args
-
-
-def snapshot(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-def with_flag(args, flag, value):
-    args = list(args)
-    if flag in args:
-        args[args.index(flag) + 1] = value
-    else:
-        args += [flag, value]
-    return args
-
-
-def test_another_preset_on_resume_is_refused(run, capsys):
+@pytest.mark.parametrize("flag, value, message", [
+    ("--preset", "l1-v1", "is a run of preset 'tiny'"),  # another preset on resume
+    ("--max_steps", "2", "at step 4 already"),  # max_steps below the current step
+])
+def test_resume_flags_that_contradict_the_run_are_refused(run, capsys, flag, value, message):
     folder, args = run
     before = snapshot(folder)
-    assert train_gpu_compatible.main(with_flag(args, "--preset", "l1-v1")) == 2
-    assert "is a run of preset 'tiny'" in one_error_line(capsys)
+    assert train_gpu_compatible.main(with_flag(args, flag, value)) == 2
+    assert message in one_error_line(capsys.readouterr().err)
     assert snapshot(folder) == before
 
 
-def test_max_steps_below_the_current_step_is_refused(run, capsys):
+def test_a_second_trainer_on_a_locked_run_touches_nothing_before_its_refusal(run, capsys):
+    """Refused by the lock of a run that another trainer holds, train() has written nothing into the
+    folder: the same files with the same bytes and mtimes, the folder's own mtime included."""
     folder, args = run
-    before = snapshot(folder)
-    assert train_gpu_compatible.main(with_flag(args, "--max_steps", "2")) == 2
-    assert "at step 4 already" in one_error_line(capsys)
-    assert snapshot(folder) == before
+
+    def mtimes():
+        return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in [folder, *folder.rglob("*")]}
+
+    with RunLock(folder):  # the other trainer
+        before = snapshot(folder), mtimes()
+        assert train_gpu_compatible.main(with_flag(args, "--max_steps", "8")) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert (snapshot(folder), mtimes()) == before
+    assert f"run folder {folder} is in use by another trainer (PID {os.getpid()})" in line
 
 
 def test_deleted_training_args_resume_from_the_checkpoints_config(run, capsys):
@@ -85,29 +58,29 @@ def test_seeds_outside_the_generators_range_are_refused(run, capsys, seed):
     folder, args = run
     before = snapshot(folder)
     assert train_gpu_compatible.main(with_flag(args, "--seed", seed)) == 2
-    assert "--seed must be between 0 and 2**63 - 1" in one_error_line(capsys)
+    assert "--seed must be between 0 and 2**63 - 1" in one_error_line(capsys.readouterr().err)
     assert generate_simple.main(["--model_path", str(folder), "--prompt", "hi", "--seed", seed]) == 2
-    assert "--seed must be between" in one_error_line(capsys)
+    assert "--seed must be between" in one_error_line(capsys.readouterr().err)
     assert snapshot(folder) == before
 
 
 def test_empty_data_is_refused(tmp_path, capsys):
     assert train_gpu_compatible.main(["--data", "", "--out", str(tmp_path / "r"), "--data_dir", str(tmp_path)]) == 2
-    assert "--data is empty" in one_error_line(capsys)
+    assert "--data is empty" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "r").exists()
 
 
 def test_a_tokenizer_as_model_path_is_named_for_what_it_is(run, capsys):
     folder, _ = run
     assert generate_simple.main(["--model_path", str(folder / "tokenizer.json"), "--prompt", "hi"]) == 2
-    line = one_error_line(capsys)
+    line = one_error_line(capsys.readouterr().err)
     assert "not an L1 checkpoint" in line and "pickled" not in line and "weights_only" not in line
 
 
 def test_info_on_a_checkpoint_file_points_to_its_folder(run, capsys):
     folder, _ = run
     assert info.main([str(folder / "latest_checkpoint.pt")]) == 2
-    assert f"pass the run folder that holds it (e.g. {folder})" in one_error_line(capsys)
+    assert f"pass the run folder that holds it (e.g. {folder})" in one_error_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("where", ["stdin", "argument"])
@@ -151,7 +124,7 @@ def test_full_disk_while_writing_training_log(run, monkeypatch, capsys):
 
     monkeypatch.setattr(trainer, "_make_logger", logger_on_a_full_disk)
     assert train_gpu_compatible.main(with_flag(args, "--max_steps", "8")) == 2
-    line = one_error_line(capsys)
+    line = one_error_line(capsys.readouterr().err)
     assert "training.log: No space left on device" in line and "run the same command" in line
     assert {n: d for n, d in snapshot(folder).items() if n.endswith(".pt")} == checkpoints
 
@@ -167,5 +140,5 @@ def test_full_disk_while_writing_metrics(run, monkeypatch, capsys):
 
     monkeypatch.setattr(trainer._Metrics, "__init__", metrics_on_a_full_disk)
     assert train_gpu_compatible.main(with_flag(args, "--max_steps", "8")) == 2
-    assert "cannot write full: No space left on device" in one_error_line(capsys)
+    assert "cannot write full: No space left on device" in one_error_line(capsys.readouterr().err)
     assert load_file(folder / "latest_checkpoint.pt")["step"] >= 4
