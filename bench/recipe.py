@@ -284,6 +284,8 @@ def main(argv=None) -> None:
                         help="--replica: training tokens of the slice per model parameter")
     parser.add_argument("--steps", type=int, default=0, help="--replica: this many steps per run instead (a smoke "
                                                              "test of the bench, not a measurement)")
+    parser.add_argument("--costs", action="store_true", help="only time each recipe's step against the baseline's "
+                                                             "(interleaved probes) and print the relative costs")
     parser.add_argument("--out", default="", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--plot", default="", help="write the loss curves to this PNG (--replica: one per epochs)")
     args = parser.parse_args(argv)
@@ -292,6 +294,9 @@ def main(argv=None) -> None:
     tmp = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="l1-recipe-"))
     emit(kind="setup", **machine(), minutes=args.minutes, seeds=args.seeds, recipes=args.recipes, out=str(tmp),
          replica=args.replica)
+    if args.costs:
+        steps_per_recipe(args.recipes, args, tmp)
+        return
     if args.replica:
         main_replica(args, tmp)
         return
