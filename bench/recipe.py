@@ -64,6 +64,9 @@ RECIPES = {
     "muon_x": {**BASELINE, "optimizer": "muon"},  # Muon at the baseline's lr (scaled to AdamW's RMS)
     "muon_qk_norm": {**BASELINE, "optimizer": "muon", "model": {"qk_norm": True}},
     "dropout": {**BASELINE, "model": {"dropout": 0.1}},
+    "untied": {**BASELINE, "model": {"tie_embeddings": False}},
+    "relu2": {**BASELINE, "model": {"mlp": "relu2"}},
+    "softcap": {**BASELINE, "model": {"logit_softcap": 15.0}},
 }
 TEXTBOOK_LR = 6e-4 * 768  # GPT-3 small's lr at width 768, scaled as 1/width
 # The flagship's regime, scaled down to a few minutes a run on 2 CPU cores: 4 blocks like the
