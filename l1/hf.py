@@ -21,7 +21,7 @@ def require_llama(cfg: ModelConfig, what: str) -> None:
     # --dropout needs nothing: it acts in training only, and the Llama model is for inference.
     if knobs:
         raise L1Error(f"{what} was trained with {', '.join(knobs)}, which the Llama format cannot hold; "
-                      "only models without it can be exported")
+                      f"only models trained without {'it' if len(knobs) == 1 else 'them'} can be exported")
 
 
 def llama_config(cfg: ModelConfig, **extra):

@@ -156,8 +156,10 @@ def test_rmsnorm_backward_passes_gradcheck():
     assert torch.autograd.gradcheck(_RMSNormFunction.apply, (x, weight, 1e-5, torch.float64))
 
 
-def test_compiled_training_step_matches_eager():
-    cfg = ModelConfig(**{**SMALL.__dict__, "qk_norm": True})
+@pytest.mark.parametrize("knobs", [dict(qk_norm=True),
+                                   dict(tie_embeddings=False, mlp="relu2", logit_softcap=1.0)], ids=["qk_norm", "knobs"])
+def test_compiled_training_step_matches_eager(knobs):
+    cfg = dataclasses.replace(SMALL, **knobs)
     idx, targets = torch.randint(0, cfg.vocab_size, (2, 2, 32))
     losses, grads = [], []
     for compiled in (False, True):
