@@ -68,6 +68,9 @@ RECIPES = {
     "muon_x": {**BASELINE, "optimizer": "muon"},  # Muon at the baseline's lr (scaled to AdamW's RMS)
     "muon_qk_norm": {**BASELINE, "optimizer": "muon", "model": {"qk_norm": True}},
     "dropout": {**BASELINE, "model": {"dropout": 0.1}},
+    "untied": {**BASELINE, "model": {"tie_embeddings": False}},
+    "relu2": {**BASELINE, "model": {"mlp": "relu2"}},
+    "softcap": {**BASELINE, "model": {"logit_softcap": 15.0}},
     # Combinations of the screening's winners (WSD, half the batch, Muon with QK-norm).
     "wsd_long_decay": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.5, "min_lr_ratio": 0.0},
     "wsd_batch_half": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0, "batch_size": 4},

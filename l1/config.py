@@ -18,6 +18,7 @@ from pathlib import Path
 from l1.errors import L1Error
 
 MIN_VOCAB = 257  # a byte-level BPE: 256 byte symbols + the end-of-text token
+MLP_KINDS = {"swiglu": 3, "relu2": 2}  # each kind's matrices of hidden x n_embd
 
 
 def knob(default, help: str, auto: bool = False):
@@ -46,7 +47,8 @@ class ModelConfig:
     n_head: int = knob(16, "attention heads per block")
     n_embd: int = knob(1024, "model width")
     block_size: int = knob(1024, "longest context (in tokens) the model is trained for")
-    intermediate_size: int = knob(0, "SwiGLU hidden width; 0 = 8/3 x n_embd rounded up to 256")
+    intermediate_size: int = knob(0, "MLP hidden width; 0 = automatic: 8/3 x n_embd rounded up to 256 for "
+                                     "swiglu, 4 x n_embd for relu2")
     rope_theta: float = knob(10000.0, "RoPE base frequency")
     norm_eps: float = knob(1e-5, "RMSNorm epsilon")
     init_std: float = knob(0.02, "std of the normal init; residual projections are scaled down")
@@ -55,6 +57,12 @@ class ModelConfig:
                                 "which bounds the attention logits")
     dropout: float = knob(0.0, "in training, drop this fraction of each residual branch's output (attention "
                                "and MLP), against overfitting data repeated over many epochs (0 = off)")
+    tie_embeddings: bool = knob(True, "the output head shares the input embedding's matrix (--no-tie_embeddings: "
+                                      "a head of its own, as many parameters again)")
+    mlp: str = knob("swiglu", "MLP kind: swiglu (three matrices, as in Llama) or relu2 (down(relu(up(x))^2), "
+                              "two matrices, as in Primer and modded-nanogpt)")
+    logit_softcap: float = knob(0.0, "bound the logits smoothly to (-C, C): C x tanh(logits / C), in training "
+                                     "and sampling alike (Gemma 2; modded-nanogpt uses 15-30; 0 = off)")
 
     def __post_init__(self):
         _require_positive(self, "vocab_size", "n_layer", "n_head", "n_embd", "block_size",
@@ -64,6 +72,10 @@ class ModelConfig:
                           f"got {self.vocab_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise L1Error(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.mlp not in MLP_KINDS:
+            raise L1Error(f"mlp must be one of {', '.join(MLP_KINDS)}, got {self.mlp!r}")
+        if not (0.0 <= self.logit_softcap < float("inf")):
+            raise L1Error(f"logit_softcap must be >= 0 and finite (0 = off), got {self.logit_softcap}")
         if self.intermediate_size < 0:
             raise L1Error(f"intermediate_size must be >= 0 (0 = automatic), got {self.intermediate_size}")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
@@ -76,10 +88,18 @@ class ModelConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        """SwiGLU hidden width: three matrices of this width cost about what 4x GELU's two do."""
+        """The MLP's hidden width. Automatic: SwiGLU's three matrices of 8/3 x width cost about what
+        two of 4 x width do, which is ReLU^2's (and GPT-2's GELU's) width."""
         if self.intermediate_size:
             return self.intermediate_size
+        if self.mlp == "relu2":
+            return 4 * self.n_embd
         return 256 * math.ceil(8 * self.n_embd / 3 / 256)
+
+    @property
+    def mlp_matrices(self) -> int:
+        """Matrices of mlp_hidden x n_embd in one block's MLP (SwiGLU's gate, up and down; ReLU^2's up and down)."""
+        return MLP_KINDS[self.mlp]
 
     @property
     def padded_vocab_size(self) -> int:
@@ -87,17 +107,22 @@ class ModelConfig:
 
     @property
     def num_params(self) -> int:
-        """Exact parameters of l1.model.GPT of this shape, by arithmetic (no torch): the tied
+        """Exact parameters of l1.model.GPT of this shape, by arithmetic (no torch): a tied
         embedding once, no biases; a test holds it to the built model's count."""
         d, hidden = self.n_embd, self.mlp_hidden
         norms = 2 * d + (2 * self.head_dim if self.qk_norm else 0)  # block norms (+ query/key norms)
-        block = norms + 4 * d * d + 3 * d * hidden  # qkv + proj, gate_up + down
-        return self.padded_vocab_size * d + self.n_layer * block + d  # + the final norm
+        block = norms + 4 * d * d + self.mlp_matrices * d * hidden  # qkv + proj, the MLP's matrices
+        return self._vocab_matrices * self.padded_vocab_size * d + self.n_layer * block + d  # + the final norm
 
     @property
     def num_params_unpadded(self) -> int:
-        """num_params without the embedding rows padded on past the vocabulary."""
-        return self.num_params - (self.padded_vocab_size - self.vocab_size) * self.n_embd
+        """num_params without the embedding (and untied head) rows padded on past the vocabulary."""
+        return self.num_params - self._vocab_matrices * (self.padded_vocab_size - self.vocab_size) * self.n_embd
+
+    @property
+    def _vocab_matrices(self) -> int:
+        """The embedding, and the output head where it is not tied to it."""
+        return 1 if self.tie_embeddings else 2
 
 
 @dataclass

@@ -27,6 +27,7 @@ from l1 import checkpoint
 from l1.config import ModelConfig, SamplingConfig
 from l1.cli import entry_point
 from l1.errors import L1Error
+from l1.hf import require_llama
 from l1.tokenizer import EOT, Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -40,10 +41,7 @@ def export(run_or_checkpoint: str, out_dir: str, force: bool = False) -> Path:
     out = _check_out_dir(Path(out_dir), source.parent, force)
     run = checkpoint.load_run(str(source))
     cfg, tokenizer = run.model_config, run.tokenizer
-    if cfg.qk_norm:  # Llama has no per-head query/key norms
-        raise L1Error(f"{source} was trained with --qk_norm, which the Llama format cannot hold; "
-                      "only models without it can be exported")
-    # --dropout needs nothing: it acts in training only, and the exported model is for inference.
+    require_llama(cfg, str(source))
     run.check_weights()
     weights = {name: t.float() for name, t in run.state["model"].items()}
     hf_cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size, pad_vocab_to=1)  # unpadded
@@ -97,13 +95,14 @@ def _check_out_dir(out: Path, run_dir: Path, force: bool) -> Path:
 
 
 def _write_weights(folder: Path, weights: dict, hf_cfg: ModelConfig, vocab_size: int) -> None:
-    """model.safetensors in Llama's names; the tied embedding is stored once (as embed_tokens)."""
+    """model.safetensors in Llama's names; a tied embedding is stored once (as embed_tokens), an
+    untied head as lm_head, both cut to the tokenizer's vocabulary."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from l1.hf import to_llama_state_dict
 
-    weights = {**weights, "embed.weight": weights["embed.weight"][:vocab_size]}
+    weights = {**weights, **{name: weights[name][:vocab_size] for name in ("embed.weight", "lm_head.weight")}}
     llama = to_llama_state_dict(weights, hf_cfg)
     try:
         # transformers refuses safetensors files whose metadata does not name the framework.

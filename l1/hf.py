@@ -9,6 +9,19 @@ from __future__ import annotations
 import torch
 
 from l1.config import ModelConfig
+from l1.errors import L1Error
+
+
+def require_llama(cfg: ModelConfig, what: str) -> None:
+    """Refuse, in one line, a model that the Llama format cannot hold (an untied head it can)."""
+    knobs = [flag for flag, used in (("--qk_norm", cfg.qk_norm),  # no per-head query/key norms
+                                     (f"--mlp {cfg.mlp}", cfg.mlp != "swiglu"),  # SwiGLU only
+                                     (f"--logit_softcap {cfg.logit_softcap:g}", cfg.logit_softcap))  # no soft cap
+             if used]
+    # --dropout needs nothing: it acts in training only, and the Llama model is for inference.
+    if knobs:
+        raise L1Error(f"{what} was trained with {', '.join(knobs)}, which the Llama format cannot hold; "
+                      f"only models trained without {'it' if len(knobs) == 1 else 'them'} can be exported")
 
 
 def llama_config(cfg: ModelConfig, **extra):
@@ -25,7 +38,7 @@ def llama_config(cfg: ModelConfig, **extra):
         max_position_embeddings=cfg.block_size,
         rms_norm_eps=cfg.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.tie_embeddings,
         attention_bias=False,
         mlp_bias=False,
         hidden_act="silu",
@@ -34,8 +47,11 @@ def llama_config(cfg: ModelConfig, **extra):
 
 
 def to_llama_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename and split L1 weights (fused qkv, fused gate/up) into Llama's parameter names."""
+    """Rename and split L1 weights (fused qkv, fused gate/up) into Llama's parameter names; the
+    head only where it is untied (Llama ties it to embed_tokens itself)."""
     out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
     for i in range(cfg.n_layer):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
         q, k, v = state[src + "attn.qkv.weight"].chunk(3, dim=0)
@@ -55,12 +71,15 @@ def to_llama_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dic
 
 
 def to_llama(model, dtype=torch.float32):
-    """A LlamaForCausalLM carrying the same weights as an L1 GPT."""
+    """A LlamaForCausalLM carrying the same weights as an L1 GPT (refused in one line where
+    Llama has no equivalent)."""
     from transformers import LlamaForCausalLM
 
+    require_llama(model.cfg, "this model")
     llama = LlamaForCausalLM(llama_config(model.cfg)).to(dtype)
     state = to_llama_state_dict({k: v.detach() for k, v in model.state_dict().items()}, model.cfg)
     missing, unexpected = llama.load_state_dict(state, strict=False)
-    # lm_head.weight is tied to the embedding, so it is the only name Llama may report missing.
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    # A tied lm_head.weight is the embedding, so it is the only name Llama may report missing.
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if model.cfg.tie_embeddings else set()), \
+        (missing, unexpected)
     return llama.eval()

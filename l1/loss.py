@@ -45,37 +45,53 @@ def _chunks(x: torch.Tensor, targets: torch.Tensor, vocab: int):
     return zip(x.split(rows), targets.split(rows))
 
 
-def _chunk_loss(xc: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, z_loss: float):
-    """Summed loss of one chunk's logits xc @ w.T, with exp(logits - max) (n, V, at least fp32, the
-    logits' buffer reused), their row sums and log-normalizers (n, 1) for the gradient."""
+def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap x tanh(logits / cap): logits bounded smoothly to (-cap, cap), nearly unchanged near 0
+    (Gemma 2); cap 0 = off. The tanh is computed in fp32 at least, the result in logits' dtype."""
+    if not cap:
+        return logits
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return (torch.tanh(wide / cap) * cap).to(logits.dtype)
+
+
+def _chunk_loss(xc: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, z_loss: float, softcap: float):
+    """Summed loss of one chunk's logits xc @ w.T (soft-capped where softcap > 0), with
+    exp(logits - max) (n, V, at least fp32), their row sums and log-normalizers (n, 1), and the
+    tanh of the soft cap (n, V, None without one) for the gradient."""
     logits = xc @ w.t()
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    tanh = None
+    if softcap:  # as soft_cap, in place: the tanh is kept for its derivative, 1 - tanh^2
+        tanh = logits.div_(softcap).tanh_()
+        logits = tanh * softcap
     target_logit = logits.gather(1, targets[:, None])
     row_max = logits.amax(dim=-1, keepdim=True)
-    exps = logits.sub_(row_max).exp_()
+    exps = logits.sub_(row_max).exp_()  # in the logits' buffer
     sums = exps.sum(dim=-1, keepdim=True)
     lse = sums.log() + row_max
     total = (lse - target_logit).sum()
     if z_loss:
         total = total + z_loss * lse.square().sum()
-    return total, exps, sums, lse
+    return total, exps, sums, lse, tanh
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """The mean loss, the gradients of x and weight computed alongside it and kept for backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, z_loss, dtype):
+    def forward(ctx, x, weight, targets, z_loss, softcap, dtype):
         w = weight.to(dtype)
         grad_x = torch.empty(x.shape, dtype=dtype, device=x.device)
         grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(dtype, torch.float32), device=x.device)
         total, start = 0.0, 0
         for xc, tc in _chunks(x.to(dtype), targets, weight.shape[0]):
-            loss, exps, sums, lse = _chunk_loss(xc, w, tc, z_loss)
+            loss, exps, sums, lse, tanh = _chunk_loss(xc, w, tc, z_loss, softcap)
             total = total + loss
             # d(loss sum)/d(logits) = softmax - onehot, the z-loss adding 2 z lse softmax.
             probs = exps.mul_((1 + 2 * z_loss * lse) / sums if z_loss else sums.reciprocal())
             probs.scatter_add_(1, tc[:, None], probs.new_full((len(tc), 1), -1.0))
+            if tanh is not None:  # through the soft cap: d(cap tanh(l / cap))/dl = 1 - tanh^2
+                probs.mul_(tanh.square_().neg_().add_(1.0))
             grad_logits = probs.to(dtype)
             grad_x[start:start + len(tc)] = grad_logits @ w
             grad_w.add_(grad_logits.t() @ xc)
@@ -88,22 +104,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         scale = grad_loss / ctx.count
-        return (grad_x * scale).to(ctx.x_dtype), (grad_w * scale).to(ctx.w_dtype), None, None, None
+        return (grad_x * scale).to(ctx.x_dtype), (grad_w * scale).to(ctx.w_dtype), None, None, None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         z_loss: float = 0.0) -> torch.Tensor:
+                         z_loss: float = 0.0, softcap: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of the logits x @ weight.T (x: (N, C), weight: (V, C), targets: (N,) int64).
 
-    Equal to F.cross_entropy(F.linear(x, weight), targets) (+ z_loss * mean(logsumexp^2)), the
-    matmuls in autocast's dtype, the softmax in fp32, without ever holding all N x V logits.
-    Every target counts (there is no ignore index).
+    Equal to F.cross_entropy(soft_cap(F.linear(x, weight), softcap), targets) (+ z_loss *
+    mean(logsumexp^2) of those same logits), the matmuls in autocast's dtype, the softmax in fp32,
+    without ever holding all N x V logits. Every target counts (there is no ignore index).
     """
     dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):  # the casts are explicit here
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            return _LinearCrossEntropy.apply(x, weight, targets, z_loss, dtype)
+            return _LinearCrossEntropy.apply(x, weight, targets, z_loss, softcap, dtype)
         w, total = weight.to(dtype), 0.0
         for xc, tc in _chunks(x.to(dtype), targets, weight.shape[0]):
-            total = total + _chunk_loss(xc, w, tc, z_loss)[0]
+            total = total + _chunk_loss(xc, w, tc, z_loss, softcap)[0]
         return total / len(targets)

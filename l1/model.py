@@ -2,11 +2,13 @@
 
 RoPE positions, RMSNorm, SwiGLU MLP, no biases, tied input/output embeddings, causal attention
 through scaled_dot_product_attention (flash kernels on CUDA; plain matmuls where those measured
-faster), the loss through l1/loss.py's chunked head. A pure nn.Module: it picks kernels by the
-tensors it is given, and knows nothing of device placement, compilation, DDP or files.
+faster), the loss through l1/loss.py's chunked head. Knobs, off by default: an untied head, a
+ReLU^2 MLP, soft-capped logits, query/key norms, residual dropout. A pure nn.Module: it picks
+kernels by the tensors it is given, and knows nothing of device placement, compilation, DDP or
+files.
 
 The weights map one-to-one onto transformers' LlamaForCausalLM (see l1/hf.py), which the tests
-use as the reference implementation.
+use as the reference implementation (of the knobs, Llama holds only an untied head).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from l1.config import ModelConfig
-from l1.loss import compute_dtype, linear_cross_entropy
+from l1.loss import compute_dtype, linear_cross_entropy, soft_cap
 
 
 class KVCache:
@@ -191,13 +193,28 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+class ReLU2(nn.Module):
+    """down(relu(up(x))^2): the squared ReLU of Primer (So et al., 2021) and modded-nanogpt."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.down = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down(F.relu(self.up(x)).square())
+
+
+MLPS = {"swiglu": SwiGLU, "relu2": ReLU2}  # ModelConfig.mlp -> its module (both end in `down`)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
+        self.mlp = MLPS[cfg.mlp](cfg)
         self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
@@ -219,7 +236,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.embed.weight  # tied
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
         cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -243,6 +261,7 @@ class GPT(nn.Module):
         """Logits (B, T, padded_vocab) for idx (B, T), or the mean loss when targets are given.
 
         z_loss: with targets, add z_loss x mean(logsumexp(logits)^2) to the cross-entropy (PaLM).
+        The logits, returned or in the loss, are soft-capped where cfg.logit_softcap is set.
 
         cache: decode incrementally; the T new tokens occupy cache slots [length, length + T)
         (a static cache: see KVCache).
@@ -268,8 +287,9 @@ class GPT(nn.Module):
             cache.length += T
         x = self.norm(x[:, -1:] if last else x)
         if targets is None:
-            return self.lm_head(x)
-        return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), z_loss)
+            return soft_cap(self.lm_head(x), self.cfg.logit_softcap)
+        return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), z_loss,
+                                    self.cfg.logit_softcap)
 
     @staticmethod
     def _attention_mask(T: int, start: int, key_mask, device):
@@ -286,7 +306,7 @@ class GPT(nn.Module):
         return (allowed[None] & key_mask[:, None, :] | own_slot[None])[:, None]
 
     def num_params(self, exclude_padding: bool = False) -> int:
-        """Parameters counted tensor by tensor (tied embeddings once); optionally without the
+        """Parameters counted tensor by tensor (a tied embedding once); optionally without the
         padded vocab rows. ModelConfig.num_params gives the same by arithmetic."""
         total = sum(p.numel() for p in self.parameters())
         if exclude_padding:
@@ -295,6 +315,7 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward): 6 x matmul weights + attention (PaLM)."""
-        matmul = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and n != "embed.weight")
-        matmul += self.lm_head.weight.numel()  # the tied head is a matmul too
+        # The head is a matmul, tied or not (a tied one listed under both names); the embedding a lookup.
+        matmul = sum(p.numel() for n, p in self.named_parameters(remove_duplicate=False)
+                     if p.dim() == 2 and n != "embed.weight")
         return 6.0 * matmul + 12.0 * self.cfg.n_layer * self.cfg.n_embd * seq_len

@@ -400,7 +400,7 @@ def parallelize(model: torch.nn.Module, rt: "Runtime", *, grad_ckpt: bool, compi
             if rt.precision.amp else MixedPrecisionPolicy()
         for block in model.blocks:
             fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)  # the root holds the tied embedding / head and the final norm
+        fully_shard(model, mp_policy=policy)  # the root: the embedding, the head (tied or not), the final norm
     elif rt.dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 

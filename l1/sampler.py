@@ -86,8 +86,8 @@ def pick_dtype(device: torch.device, requested: str = "auto") -> str:
 def prepare(model: GPT, device: torch.device, dtype: str = "fp32") -> GPT:
     """The model in eval mode on the device with its weights in dtype (fp32, bf16 or int8).
 
-    int8: every matmul weight (the tied head as its own copy) becomes Int8Linear, the rest of
-    the model and the activations bf16 where the device computes it natively, else fp32.
+    int8: every matmul weight (the head too, a tied one as its own copy) becomes Int8Linear, the
+    rest of the model and the activations bf16 where the device computes it natively, else fp32.
     On CPU float matmul weights are stored column-major (same values, transposed strides):
     a single decoding row then multiplies through MKL's streaming gemv variant, measured ~30%
     faster at batch 1 than the row-major dot-product one, and no different for larger batches.

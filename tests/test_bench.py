@@ -1,8 +1,13 @@
-"""The benches' own logic: the analytic memory model against a measured training step."""
+"""The benches' own logic: the analytic memory model against a measured training step; the
+recipe study's recipes resolve to the configs they promise."""
+
+import argparse
+import dataclasses
 
 import pytest
 import torch
 
+from bench import recipe
 from bench.memory import attention_path, estimate_training_bytes, measure
 from l1.config import ModelConfig
 
@@ -22,3 +27,18 @@ def test_memory_model_agrees_with_a_measured_step(grad_ckpt, amp, peak_tolerance
     assert estimate["total"] == pytest.approx(measured["measured"], rel=peak_tolerance)
     saved = estimate["activations"] + estimate["amp_weights"]
     assert saved == pytest.approx(measured["saved_for_backward"], rel=0.01)
+
+
+@pytest.mark.parametrize("replica", [False, True])
+def test_model_knob_recipes_change_only_their_knob(replica):
+    """untied, relu2 and softcap resolve (as bench.recipe --replica runs them) to the baseline's
+    config but for one model field."""
+    args = argparse.Namespace(replica=replica, data="corpus", data_dir="data", max_docs=0, eval_batches=10)
+    base = recipe.run_config("baseline", 1, args, 100)
+    for name, field, value in [("untied", "tie_embeddings", False), ("relu2", "mlp", "relu2"),
+                               ("softcap", "logit_softcap", 15.0)]:
+        cfg = recipe.run_config(name, 1, args, 100)
+        assert getattr(cfg.model, field) == value
+        assert dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **{field: getattr(base.model, field)})) \
+            == base
+        assert recipe.work(cfg) != recipe.work(base)  # a model change: timed apart without --replica

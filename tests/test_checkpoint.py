@@ -296,3 +296,28 @@ def test_bench_checkpoint_smoke(tmp_path):
     assert [r["kind"] for r in records] == ["setup", "mode", "mode", "summary"]
     assert all(len(r["held_s"]) == 2 and r["write_s"]["write"] > 0 for r in records[1:3])
     assert records[-1]["held_ratio"] > 0 and not list(tmp_path.iterdir())  # its folder removed
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_model_weights_round_trip_bitwise_tied_or_not(tmp_path, tie):
+    """A checkpoint's weights come back bit for bit, a tied head still the embedding itself and an
+    untied one still its own tensor (the background snapshot included: it keeps shared storages)."""
+    import dataclasses
+
+    from l1.config import ModelConfig, model_config_from_dict
+    from l1.model import GPT
+
+    cfg = ModelConfig(vocab_size=300, n_layer=1, n_head=2, n_embd=32, block_size=16, tie_embeddings=tie)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with CheckpointManager(tmp_path, keep=1, log=lambda line: None) as manager:
+        manager.save({"model": model.state_dict(), "model_config": dataclasses.asdict(cfg), "step": 1, "epoch": 0})
+    state = load_file(tmp_path / LATEST)
+    weights = state["model"]
+    assert (weights["lm_head.weight"].data_ptr() == weights["embed.weight"].data_ptr()) == tie
+    run = checkpoint.LoadedRun(tmp_path / LATEST, state, model_config_from_dict(state["model_config"]), None)
+    restored = run.model()
+    assert (restored.lm_head.weight is restored.embed.weight) == tie
+    assert restored.state_dict().keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], tensor), name

@@ -59,6 +59,23 @@ def test_precedence_preset_then_stored_then_file_then_flags():
     assert (cfg.lr, cfg.batch_size, cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (0.3, 3, 3, 2, 256)
 
 
+def test_model_knobs_have_flags_and_an_old_config_json_takes_their_defaults(tmp_path):
+    args = parser().parse_args(["--no-tie_embeddings", "--mlp", "relu2", "--logit_softcap", "15"])
+    assert config.overrides_from_args(args) == {"model": {"tie_embeddings": False, "mlp": "relu2",
+                                                          "logit_softcap": 15.0}}
+    with pytest.raises(L1Error, match="'logit_softcap' must be a finite float"):
+        config.resolve(config.overrides_from_args(parser().parse_args(["--logit_softcap", "nan"])))
+    with pytest.raises(L1Error, match="logit_softcap must be >= 0 and finite"):
+        ModelConfig(logit_softcap=float("inf"))
+    old = dataclasses.asdict(config.resolve({"preset": "tiny"}).model)
+    for name in ("tie_embeddings", "mlp", "logit_softcap"):  # as written before these knobs
+        del old[name]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    model = config.model_config_from_dict(config.load_json(tmp_path / "config.json"))
+    assert (model.tie_embeddings, model.mlp, model.logit_softcap) == (True, "swiglu", 0.0)
+    assert model == config.resolve({"preset": "tiny"}).model
+
+
 def test_only_given_flags_override():
     args = parser().parse_args(["--lr", "0.01", "--no-amp", "--n_layer", "2", "--data", "corpus.txt"])
     assert config.overrides_from_args(args) == {"lr": 0.01, "amp": False, "model": {"n_layer": 2},
@@ -79,6 +96,9 @@ def test_only_given_flags_override():
     ({"beta2": 1.0}, "beta2"),
     ({"max_steps": 0}, "needs a time budget"),
     ({"early_stop": -1}, "early_stop must be >= 0"),
+    ({"model": {"mlp": "gelu"}}, "mlp must be one of swiglu, relu2, got 'gelu'"),
+    ({"model": {"logit_softcap": -1.0}}, "logit_softcap must be >= 0"),
+    ({"model": {"tie_embeddings": "no"}}, "must be bool"),
 ])
 def test_bad_values_are_refused_in_one_line(values, message):
     with pytest.raises(L1Error, match=message) as err:

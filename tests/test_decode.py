@@ -2,6 +2,7 @@
 recomputation, int8 and bf16 weights against fp32, the dtype rule, the compile fallback."""
 
 import copy
+import dataclasses
 import hashlib
 
 import pytest
@@ -15,13 +16,15 @@ from l1.model import GPT, KVCache
 
 SMALL = ModelConfig(vocab_size=300, n_layer=2, n_head=2, n_embd=64, block_size=128)
 CPU = torch.device("cpu")
+# An untied head, ReLU^2 and a soft cap below the raw logits' range (so that it bites).
+KNOBS = dataclasses.replace(SMALL, tie_embeddings=False, mlp="relu2", logit_softcap=0.05)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def random_model(sharp: bool = False) -> GPT:
+def random_model(sharp: bool = False, cfg: ModelConfig = SMALL) -> GPT:
     torch.manual_seed(0)
-    model = GPT(SMALL).eval()
+    model = GPT(cfg).eval()
     if sharp:  # greedy choices well separated, so that fp32 rounding order cannot flip one
         with torch.no_grad():
             model.lm_head.weight.mul_(20)
@@ -50,8 +53,9 @@ def test_compiled_greedy_equals_eager_token_for_token(compiled):
     assert counters["stats"]["unique_graphs"] - graphs <= 1  # one graph for both cache lengths
 
 
-def test_static_step_equals_full_forward():
-    model = random_model()
+@pytest.mark.parametrize("cfg", [SMALL, KNOBS], ids=["default", "knobs"])
+def test_static_step_equals_full_forward(cfg):
+    model = random_model(cfg=cfg)
     idx = torch.randint(0, SMALL.vocab_size, (2, 20))
     cache = KVCache(SMALL, batch_size=2, max_len=32)
     key_mask = torch.zeros(2, 32, dtype=torch.bool)
@@ -81,16 +85,22 @@ def test_int8_linear_is_the_per_channel_quantized_matmul(packed):
     torch.testing.assert_close(layer(x), x @ dequantized.t(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("cfg", [SMALL, KNOBS], ids=["default", "knobs"])
 @pytest.mark.parametrize("dtype, bound", [("int8", 0.02), ("bf16", 0.02)])
-def test_low_precision_logits_are_close_to_fp32(dtype, bound):
-    model = random_model()
+def test_low_precision_logits_are_close_to_fp32(dtype, bound, cfg):
+    model = random_model(cfg=cfg)
     idx = torch.randint(0, SMALL.vocab_size, (2, 40))
     with torch.no_grad():
         reference = sampler.prepare(copy.deepcopy(model), CPU, "fp32")(idx)
         low = sampler.prepare(copy.deepcopy(model), CPU, dtype)
         logits = low(idx).float()
+    if cfg.logit_softcap:
+        with torch.no_grad():
+            raw = random_model(cfg=dataclasses.replace(cfg, logit_softcap=0.0))(idx)
+        assert raw.abs().max() > 2 * cfg.logit_softcap and reference.abs().max() <= cfg.logit_softcap
     if dtype == "int8":
         assert isinstance(low.lm_head, sampler.Int8Linear) and isinstance(low.blocks[0].mlp.down, sampler.Int8Linear)
+        assert isinstance(low.embed, torch.nn.Embedding)  # the untied embedding keeps its float table too
     assert (logits - reference).norm() / reference.norm() < bound  # measured 0.008 (int8), 0.005 (bf16)
 
 

@@ -175,14 +175,47 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys):
     (other / checkpoint.BEST).write_bytes((folder / checkpoint.BEST).read_bytes())
     Tokenizer.train(["a different corpus entirely"], 260).save(other / "tokenizer.json")
     assert "not the tokenizer" in _one_line_error(capsys, [other, tmp_path / "o4"])
-    qk = tmp_path / "qk"
-    qk.mkdir()
     state = checkpoint.load_file(folder / checkpoint.BEST)
-    cfg = ModelConfig(**{**state["model_config"], "qk_norm": True})
-    checkpoint.save_file({**state, "model": GPT(cfg).state_dict(), "model_config": dataclasses.asdict(cfg)},
-                         qk / checkpoint.BEST)
-    (qk / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
-    assert "--qk_norm" in _one_line_error(capsys, [qk, tmp_path / "o5"])
+    for i, (knob, flag) in enumerate([({"qk_norm": True}, "--qk_norm"), ({"mlp": "relu2"}, "--mlp relu2"),
+                                      ({"logit_softcap": 30.0}, "--logit_softcap 30")]):
+        unfit = tmp_path / f"unfit{i}"  # a model the Llama format cannot hold
+        unfit.mkdir()
+        cfg = ModelConfig(**{**state["model_config"], **knob})
+        checkpoint.save_file({**state, "model": GPT(cfg).state_dict(), "model_config": dataclasses.asdict(cfg)},
+                             unfit / checkpoint.BEST)
+        (unfit / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+        err = _one_line_error(capsys, [unfit, tmp_path / f"o5-{i}"])
+        assert flag in err and "Llama format cannot hold" in err
+        assert not (tmp_path / f"o5-{i}").exists()
+
+
+def test_untied_head_is_exported_as_lm_head_and_matches_l1(run, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    folder, tied, tok = run
+    cfg = dataclasses.replace(tied.cfg, tie_embeddings=False)
+    torch.manual_seed(1)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # the trained weights, and a head that differs from the embedding
+        model.load_state_dict({**tied.state_dict(), "lm_head.weight": tied.embed.weight * 0.5 + 0.01})
+        model.lm_head.weight[tok.vocab_size:] = 1e3  # padded rows that would win if exported
+    untied = tmp_path / "untied"
+    untied.mkdir()
+    state = checkpoint.load_file(folder / checkpoint.BEST)
+    checkpoint.save_file({**state, "model": model.state_dict(), "model_config": dataclasses.asdict(cfg)},
+                         untied / checkpoint.BEST)
+    (untied / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+    out = export.export(str(untied), str(tmp_path / "hf"))
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("lm_head.weight").shape == f.get_tensor("model.embed_tokens.weight").shape \
+            == (tok.vocab_size, 64)
+    hf_model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert hf_model.lm_head.weight.data_ptr() != hf_model.model.embed_tokens.weight.data_ptr()
+    idx = torch.randint(0, tok.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(idx).logits, model(idx)[..., :tok.vocab_size], rtol=1e-5, atol=1e-5)
 
 
 def test_command_line_exit_status(tmp_path):

@@ -12,8 +12,10 @@ from l1.runtime import precision
 from tests.test_model import SMALL
 
 
-def reference(x, weight, targets, z_loss):
+def reference(x, weight, targets, z_loss, softcap=0.0):
     logits = F.linear(x, weight)
+    if softcap:  # Gemma 2's soft cap, written out
+        logits = softcap * torch.tanh(logits / softcap)
     return F.cross_entropy(logits, targets) + z_loss * torch.logsumexp(logits, dim=-1).square().mean()
 
 
@@ -23,21 +25,36 @@ def small_chunks(monkeypatch):
     monkeypatch.setitem(loss_module.CHUNK_BYTES, "cpu", 64 * 4 * 300)
 
 
+@pytest.mark.parametrize("softcap", [0.0, 2.0], ids=["uncapped", "softcap"])
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2])
-def test_loss_and_gradients_equal_cross_entropy_of_the_logits(small_chunks, z_loss):
+def test_loss_and_gradients_equal_cross_entropy_of_the_logits(small_chunks, z_loss, softcap):
     torch.manual_seed(0)
     x = torch.randn(200, 32, dtype=torch.float64, requires_grad=True)
     weight = (torch.randn(300, 32, dtype=torch.float64) * 0.3).requires_grad_()
     targets = torch.randint(0, 300, (200,))
     assert loss_module.chunk_rows(300, "cpu") == 64
-    expected = reference(x, weight, targets, z_loss)
-    got = linear_cross_entropy(x, weight, targets, z_loss)
+    if softcap:  # the raw logits (std ~1.7) reach well into the cap's flat part
+        assert F.linear(x, weight).abs().max() > 3 * softcap
+    expected = reference(x, weight, targets, z_loss, softcap)
+    got = linear_cross_entropy(x, weight, targets, z_loss, softcap)
     torch.testing.assert_close(got, expected)
     # A non-unit upstream gradient, as gradient accumulation gives (loss / accum).
     torch.testing.assert_close(torch.autograd.grad(got / 3, (x, weight)),
                                torch.autograd.grad(expected / 3, (x, weight)))
     with torch.no_grad():
-        torch.testing.assert_close(linear_cross_entropy(x, weight, targets, z_loss), expected)
+        torch.testing.assert_close(linear_cross_entropy(x, weight, targets, z_loss, softcap), expected)
+
+
+def test_soft_cap_of_fp32_logits_is_the_loss_heads_own():
+    """The forward pass's capped logits (l1.loss.soft_cap: bounded, 0 = the logits themselves) give
+    the loss the chunked head computes with its in-place cap."""
+    torch.manual_seed(0)
+    x, weight, targets = torch.randn(50, 32), torch.randn(300, 32) * 0.3, torch.randint(0, 300, (50,))
+    capped = loss_module.soft_cap(F.linear(x, weight), 2.0)
+    assert capped.abs().max() < 2.0 and loss_module.soft_cap(capped, 0.0) is capped
+    with torch.no_grad():
+        total = loss_module._chunk_loss(x, weight, targets, 0.0, 2.0)[0]
+    torch.testing.assert_close(total / 50, F.cross_entropy(capped, targets))
 
 
 def test_chunks_fit_the_cpu_caches_and_stay_few_on_gpus():

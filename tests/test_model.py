@@ -1,12 +1,17 @@
 """The GPT against its reference (transformers' Llama) and its own invariants."""
 
+import dataclasses
+import itertools
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from l1.config import ModelConfig, resolve
+from l1.errors import L1Error
 from l1.hf import to_llama
 from l1 import runtime
-from l1.model import GPT, KVCache, _RMSNormFunction
+from l1.model import GPT, KVCache, ReLU2, _RMSNormFunction
 
 SMALL = ModelConfig(vocab_size=300, n_layer=2, n_head=4, n_embd=64, block_size=64)
 
@@ -16,17 +21,81 @@ def small_model(seed=0, cfg=SMALL):
     return GPT(cfg).eval()
 
 
-def test_logits_match_llama_for_causal_lm():
-    model = small_model()
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_logits_match_llama_for_causal_lm(tie):
+    cfg = dataclasses.replace(SMALL, tie_embeddings=tie)
+    model = small_model(cfg=cfg)
     with torch.no_grad():  # random init is too gentle a test: make every weight matter
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     llama = to_llama(model)
+    assert (llama.lm_head.weight.data_ptr() == llama.model.embed_tokens.weight.data_ptr()) == tie
     idx = torch.randint(0, SMALL.vocab_size, (3, 40))
     with torch.no_grad():
         ours = model(idx)
         theirs = llama(idx).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("knob, flag", [({"qk_norm": True}, "--qk_norm"), ({"mlp": "relu2"}, "--mlp relu2"),
+                                        ({"logit_softcap": 15.0}, "--logit_softcap 15")])
+def test_llama_refuses_what_it_cannot_hold_in_one_line(knob, flag):
+    with pytest.raises(L1Error, match=flag) as err:
+        to_llama(small_model(cfg=dataclasses.replace(SMALL, **knob)))
+    assert "\n" not in str(err.value) and "Llama format cannot hold" in str(err.value)
+
+
+def test_untied_head_is_its_own_parameter():
+    tied, untied = small_model(), small_model(cfg=dataclasses.replace(SMALL, tie_embeddings=False))
+    assert untied.lm_head.weight is not untied.embed.weight
+    assert untied.lm_head.weight.data_ptr() != untied.embed.weight.data_ptr()
+    assert untied.num_params() == tied.num_params() + untied.lm_head.weight.numel()
+    assert untied.lm_head.weight.std().item() == pytest.approx(SMALL.init_std, rel=0.1)  # GPT-2 init
+    assert not torch.equal(untied.lm_head.weight, untied.embed.weight)
+    # The head's matmul counts once either way; the untied head adds no FLOPs.
+    assert untied.flops_per_token(64) == tied.flops_per_token(64)
+    idx, targets = torch.randint(0, SMALL.vocab_size, (2, 2, 16))
+    untied.train()(idx, targets).backward()
+    assert untied.lm_head.weight.grad is not None and untied.embed.weight.grad is not None
+    assert not torch.equal(untied.lm_head.weight.grad, untied.embed.weight.grad)
+
+
+def test_relu2_mlp_matches_its_formula():
+    cfg = dataclasses.replace(SMALL, mlp="relu2")
+    model = small_model(cfg=cfg)
+    mlp = model.blocks[0].mlp
+    assert isinstance(mlp, ReLU2) and cfg.mlp_hidden == 4 * cfg.n_embd
+    assert [p.shape for p in mlp.parameters()] == [(4 * 64, 64), (64, 4 * 64)]
+    x = torch.randn(2, 5, 64)
+    hidden = x @ mlp.up.weight.T
+    expected = torch.where(hidden > 0, hidden * hidden, torch.zeros_like(hidden)) @ mlp.down.weight.T
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), expected)
+        # The whole model: each block's MLP output is the formula's; the loss is the logits'.
+        idx, targets = torch.randint(0, cfg.vocab_size, (2, 2, 16))
+        logits = model(idx)
+        torch.testing.assert_close(model(idx, targets), F.cross_entropy(logits.flatten(0, 1), targets.flatten()))
+    assert dataclasses.replace(cfg, intermediate_size=200).mlp_hidden == 200  # an explicit width holds
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_soft_capped_logits_in_forward_and_loss(z_loss):
+    cap = 0.5  # below the raw logits' range, so the cap bites
+    capped, plain = small_model(cfg=dataclasses.replace(SMALL, logit_softcap=cap)), small_model()
+    idx, targets = torch.randint(0, SMALL.vocab_size, (2, 2, 16))
+    with torch.no_grad():
+        raw = plain(idx)
+        assert raw.abs().max() > 2 * cap
+        logits = capped(idx)
+        torch.testing.assert_close(logits, cap * torch.tanh(raw / cap))
+        assert logits.abs().max() < cap
+        # Decoding goes through the same logits: the last position's, with a cache.
+        cache = KVCache(SMALL, batch_size=2, max_len=16)
+        capped(idx[:, :10], cache=cache)
+        torch.testing.assert_close(capped(idx[:, 10:], cache=cache, last=True), logits[:, -1:], rtol=1e-5, atol=1e-5)
+    flat = logits.flatten(0, 1)
+    expected = F.cross_entropy(flat, targets.flatten()) + z_loss * torch.logsumexp(flat, -1).square().mean()
+    torch.testing.assert_close(capped(idx, targets, z_loss=z_loss), expected)
 
 
 def test_loss_is_cross_entropy_of_logits():
@@ -87,8 +156,10 @@ def test_rmsnorm_backward_passes_gradcheck():
     assert torch.autograd.gradcheck(_RMSNormFunction.apply, (x, weight, 1e-5, torch.float64))
 
 
-def test_compiled_training_step_matches_eager():
-    cfg = ModelConfig(**{**SMALL.__dict__, "qk_norm": True})
+@pytest.mark.parametrize("knobs", [dict(qk_norm=True),
+                                   dict(tie_embeddings=False, mlp="relu2", logit_softcap=1.0)], ids=["qk_norm", "knobs"])
+def test_compiled_training_step_matches_eager(knobs):
+    cfg = dataclasses.replace(SMALL, **knobs)
     idx, targets = torch.randint(0, cfg.vocab_size, (2, 2, 32))
     losses, grads = [], []
     for compiled in (False, True):
@@ -108,8 +179,13 @@ def test_preset_parameter_counts():
     assert counts == {"l1-gpu-compatible": 155_804_672, "l1-v1": 20_978_176, "tiny": 4_458_752}
 
 
-@pytest.mark.parametrize("shape", [dict(), dict(qk_norm=True), dict(vocab_size=300, pad_vocab_to=128),
-                                   dict(intermediate_size=200, n_layer=3)])
+KNOBS = [dict(tie_embeddings=tie, mlp=mlp, qk_norm=qk, intermediate_size=hidden, logit_softcap=cap)
+         for tie, mlp, qk, hidden, cap in itertools.product([True, False], ["swiglu", "relu2"], [False, True],
+                                                            [0, 200], [0.0, 15.0])]
+
+
+@pytest.mark.parametrize("shape", [dict(vocab_size=300, pad_vocab_to=128), dict(intermediate_size=200, n_layer=3),
+                                   dict(vocab_size=300, pad_vocab_to=128, tie_embeddings=False), *KNOBS])
 def test_config_parameter_count_matches_the_built_model(shape):
     """ModelConfig's arithmetic (used by the trainer's log and l1.info) against the real tensors."""
     cfg = ModelConfig(**{**dict(vocab_size=320, n_layer=2, n_head=4, n_embd=64, block_size=32), **shape})

@@ -101,20 +101,25 @@ def test_best_checkpoint_has_the_lowest_validation_loss(corpus, tmp_path):
     assert best["best_val_loss"] == pytest.approx(best_eval["val_loss"])
 
 
-@pytest.mark.parametrize("recipe", [{}, {"optimizer": "muon", "schedule": "wsd"}], ids=["adamw-cosine", "muon-wsd"])
-def test_resume_is_bitwise_exact_across_an_epoch_boundary(corpus, tmp_path, monkeypatch, recipe):
+@pytest.mark.parametrize("recipe, flags", [({}, []), ({"optimizer": "muon", "schedule": "wsd"}, []),
+                                           ({"mlp": "relu2", "logit_softcap": 15.0}, ["--no-tie_embeddings"])],
+                         ids=["adamw-cosine", "muon-wsd", "untied-relu2-softcap"])
+def test_resume_is_bitwise_exact_across_an_epoch_boundary(corpus, tmp_path, monkeypatch, recipe, flags):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert train(tiny_args(corpus, straight, max_steps=30, **recipe)) == 0
+    assert train(tiny_args(corpus, straight, max_steps=30, **recipe) + flags) == 0
     stop_during(monkeypatch, 7)
-    assert train(tiny_args(corpus, stopped, max_steps=30, **recipe)) == 0  # SIGTERM: clean stop, exit 0
+    assert train(tiny_args(corpus, stopped, max_steps=30, **recipe) + flags) == 0  # SIGTERM: clean stop, exit 0
     assert load_file(stopped / "run" / "latest_checkpoint.pt")["step"] == 7
     monkeypatch.undo()
-    assert train(tiny_args(corpus, stopped, max_steps=30, **recipe)) == 0
+    assert train(tiny_args(corpus, stopped, max_steps=30, **recipe) + flags) == 0
     final = load_file(stopped / "run" / "latest_checkpoint.pt")
     assert final["step"] == 30 and final["epoch"] >= 1, "the run must cross an epoch boundary"
     assert_bitwise_equal(weights(straight / "run"), final["model"])
     assert_same_state(load_file(straight / "run" / "latest_checkpoint.pt"), final)  # optimizer, data, RNG too
     assert "resumed from latest_checkpoint.pt at step 7" in (stopped / "run" / "training.log").read_text()
+    if flags:  # the knobs reached the model that was trained and saved
+        assert final["model_config"]["tie_embeddings"] is False and "blocks.0.mlp.up.weight" in final["model"]
+        assert final["model"]["lm_head.weight"].data_ptr() != final["model"]["embed.weight"].data_ptr()
 
 
 def test_resume_after_sigkill_is_bitwise_exact(corpus, tmp_path):
@@ -444,7 +449,26 @@ def test_checkpoints_from_before_a_new_model_field_still_resume(corpus, tmp_path
     assert train(tiny_args(corpus, tmp_path, max_steps=4)) == 0
     path = tmp_path / "run" / "latest_checkpoint.pt"
     state = load_file(path)
-    del state["model_config"]["dropout"], state["model_config"]["qk_norm"]  # as written before those knobs
+    for knob in ("dropout", "qk_norm", "tie_embeddings", "mlp", "logit_softcap"):  # as written before them
+        del state["model_config"][knob]
     save_file(state, path)
     assert train(tiny_args(corpus, tmp_path, max_steps=6)) == 0
     assert "resumed from latest_checkpoint.pt at step 4" in (tmp_path / "run" / "training.log").read_text()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_an_untied_head_is_an_adamw_matrix_with_weight_decay(optimizer):
+    """The untied head is grouped like the embedding: AdamW, weight decay on (never Muon)."""
+    from l1.config import resolve
+    from l1.model import GPT
+
+    cfg = resolve({"preset": "tiny", "optimizer": optimizer, "weight_decay": 0.25,
+                   "model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "tie_embeddings": False}})
+    model = GPT(cfg.model)
+    adamw, *muon = trainer._optimizers(model, cfg, torch.device("cpu"))
+    decayed = [p for group in adamw.param_groups if group["weight_decay"] == 0.25 for p in group["params"]]
+    assert any(p is model.lm_head.weight for p in decayed) and any(p is model.embed.weight for p in decayed)
+    assert not any(p is model.lm_head.weight for opt in muon for group in opt.param_groups for p in group["params"])
+    assert len(muon) == (optimizer == "muon")
+    grouped = [p for opt in (adamw, *muon) for group in opt.param_groups for p in group["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
