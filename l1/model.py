@@ -34,29 +34,33 @@ class KVCache:
     one-element long tensor) and attends over all max_len slots, its key_mask (B, max_len)
     saying which it may see; it reads and writes no Python number, so the caller advances
     slot and length.
+
+    Each layer has its own k and v tensors, written by indexing (index_put_): torch.compile then
+    writes the slot in place. A slice of one all-layer tensor written with index_copy_ compiled
+    into a copy of every layer's whole cache per step, a cost that grew with max_len.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None):
-        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, cfg.n_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.length = 0
         self.slot: torch.Tensor | None = None
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values of one layer; return all keys/values so far (static: all slots)."""
         if self.slot is not None:
-            self.k[layer].index_copy_(2, self.slot, k)
-            self.v[layer].index_copy_(2, self.slot, v)
+            self.k[layer][:, :, self.slot] = k
+            self.v[layer][:, :, self.slot] = v
             return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 def rope_tables(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -287,8 +287,8 @@ class Decoder:
         norm = self.model.norm.weight
         cache = KVCache(self.model.cfg, rows, slots, device=norm.device, dtype=norm.dtype)
         if self.compiled:  # CUDA graphs write it in place rather than through a copy
-            torch._dynamo.mark_static_address(cache.k)
-            torch._dynamo.mark_static_address(cache.v)
+            for t in cache.k + cache.v:
+                torch._dynamo.mark_static_address(t)
         return cache
 
     def __call__(self, tokens, cache, positions, key_mask) -> torch.Tensor:
@@ -326,7 +326,7 @@ class _ContextWindow:
         width = max(len(r) for r in rows)
         # Only as many slots as this generation can fill; a slide needs the whole context.
         self.cache = decoder.cache(len(rows), cache_slots(width + max_new, self.block))
-        device = self.cache.k.device
+        device = self.cache.k[0].device
         self.key_mask = torch.zeros((len(rows), self.cache.max_len), dtype=torch.bool, device=device)
         self.positions = torch.zeros((len(rows), 1), dtype=torch.long, device=device)  # of the next token
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # its cache slot, = cache.length
@@ -335,7 +335,7 @@ class _ContextWindow:
         """Run each row's last `keep` tokens through the emptied cache; the last position's logits."""
         tails = [row[-keep:] for row in self.rows]
         width = max(len(t) for t in tails)
-        device = self.cache.k.device
+        device = self.cache.k[0].device
         ids = torch.zeros((len(tails), width), dtype=torch.long)
         real = torch.zeros((len(tails), width), dtype=torch.bool)
         for i, tail in enumerate(tails):
