@@ -9,7 +9,7 @@ import torch
 
 from bench import recipe
 from bench.memory import attention_path, estimate_training_bytes, measure
-from l1.config import ModelConfig
+from l1.config import ModelConfig, preset_dict
 
 SMALL = ModelConfig(vocab_size=1000, n_layer=2, n_head=4, n_embd=128, block_size=128)
 
@@ -42,3 +42,16 @@ def test_model_knob_recipes_change_only_their_knob(replica):
         assert dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **{field: getattr(base.model, field)})) \
             == base
         assert recipe.work(cfg) != recipe.work(base)  # a model change: timed apart without --replica
+
+
+def test_budget_recipe_is_the_tiny_preset_under_the_time_budget():
+    """l1_budget is tiny as it stands with --max_minutes (no step count, its own warmup);
+    baseline_fp32 is the baseline with mixed precision off, so it is probed apart."""
+    args = argparse.Namespace(replica=False, data="corpus", data_dir="data", max_docs=0, eval_batches=10, minutes=5.0)
+    budget = recipe.run_config("l1_budget", 1, args, 0)
+    tiny = recipe.run_config("l1", 1, args, 800)
+    assert (budget.max_minutes, budget.max_steps) == (5.0, 0)
+    assert budget.warmup_steps == preset_dict("tiny")["warmup_steps"]
+    assert dataclasses.replace(budget, max_minutes=0.0, max_steps=800, warmup_steps=tiny.warmup_steps) == tiny
+    fp32 = recipe.run_config("baseline_fp32", 1, args, 100)
+    assert fp32.amp is False and recipe.work(fp32) != recipe.work(recipe.run_config("baseline", 1, args, 100))
