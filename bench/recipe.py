@@ -46,8 +46,8 @@ WARMUP_FRACTION = 0.1
 RECIPES = {
     "baseline": BASELINE,
     "baseline_fp32": {**BASELINE, "amp": False},  # the textbook form: fp32 even where bf16 is native
-    "l1": {},  # the tiny preset as it stands
-    "l1_budget": {"budget": True},  # the tiny preset as it stands, given --max_minutes instead of steps
+    "l1": {"as_is": True},  # the tiny preset as it stands
+    "l1_budget": {"as_is": True, "budget": True},  # the tiny preset as it stands, given --max_minutes, not steps
     "high_lr": {**BASELINE, "lr": 4e-3},
     "wsd": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},
     "wsd_high_lr": {**BASELINE, "lr": 4e-3, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},
@@ -83,6 +83,9 @@ RECIPES = {
     "init_wide": {**BASELINE, "model": {"init_std": 0.02 * (768 / 96) ** 0.5}},
 }
 TEXTBOOK_LR = 6e-4 * 768  # GPT-3 small's lr at width 768, scaled as 1/width
+# Every recipe but the presets as they stand trains the tiny model at the classic reproductions'
+# micro-batch of 16 sequences, the baseline's (the tiny preset's own micro-batch is 8 since it won).
+TEXTBOOK_TINY = {"batch_size": 16}
 # The flagship's regime, scaled down to a few minutes a run on 2 CPU cores: 4 blocks like the
 # flagship's, 96 wide, 541k parameters (the 1024-token vocabulary a fifth of them, the flagship's
 # 20k vocabulary an eighth), 128 tokens of context, micro-batch 8.
@@ -95,6 +98,7 @@ def run_config(name: str, seed: int, args, max_steps: int, **overrides) -> confi
     """The resolved TrainConfig of one recipe and seed, warming up over 10% of max_steps."""
     recipe = dict(RECIPES[name])
     lr_x = recipe.pop("lr_x", None)
+    as_is = recipe.pop("as_is", False)
     if recipe.pop("budget", False):  # the preset's own warmup; the time budget sets the length
         overrides = {"max_minutes": args.minutes, **overrides}
         max_steps, warmup = 0, config.preset_dict("tiny")["warmup_steps"]
@@ -102,7 +106,8 @@ def run_config(name: str, seed: int, args, max_steps: int, **overrides) -> confi
         warmup = max(1, round(WARMUP_FRACTION * max_steps))
     base = config.merge({"preset": "tiny", "seed": seed, "log_every": 10, "eval_batches": args.eval_batches,
                          "keep": 1, "data": {"data": args.data, "data_dir": args.data_dir,
-                                             "max_docs": args.max_docs}}, REPLICA if args.replica else {})
+                                             "max_docs": args.max_docs}},
+                        REPLICA if args.replica else {} if as_is else TEXTBOOK_TINY)
     base = config.merge(base, recipe)
     if lr_x:
         base["lr"] = lr_x * TEXTBOOK_LR / config.resolve(base).model.n_embd
