@@ -473,8 +473,10 @@ class _Run:
             self.log(f"distributed: {self.dist.world_size} processes, {'FSDP2' if cfg.fsdp else 'DDP'}, "
                      f"{self.accum} micro-steps of {self.micro_batch} sequences each per optimizer step")
         amp = self.precision
+        muon = [f", Muon's Newton-Schulz in {'bf16' if opt.ns_dtype == torch.bfloat16 else 'fp32'}"
+                for opt in self.optimizers if isinstance(opt, Muon)]
         self.log(f"device {self.device}, precision {amp.compute_dtype if amp.amp else 'fp32'}"
-                 f"{' autocast' if amp.amp else ''}, compile {'on' if self.compiled else 'off'}, "
+                 f"{' autocast' if amp.amp else ''}{''.join(muon)}, compile {'on' if self.compiled else 'off'}, "
                  f"grad checkpointing {'on' if cfg.grad_ckpt else 'off'}, "
                  f"{self.tokens_per_step:,} tokens/step, matmul roofline {self.peak / 1e12:.3g} TFLOP/s")
         if not HAS_MATPLOTLIB:
