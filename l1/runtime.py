@@ -112,6 +112,12 @@ def precision(device: torch.device, amp: bool | None = None) -> Precision:
     return Precision(device.type, torch.bfloat16 if native_bf16(device) else torch.float16)
 
 
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of Muon's Newton-Schulz iterations: bf16 where the device computes it natively,
+    fp32 elsewhere (an AVX2-only CPU emulates bf16 matmuls several times slower than fp32)."""
+    return torch.bfloat16 if native_bf16(device) else torch.float32
+
+
 def largest_batch(fits, limit: int = 1024) -> int:
     """The largest batch size b <= limit with fits(b) true, assuming fits is monotone (0 if none)."""
     good, bad = 0, limit + 1

@@ -27,6 +27,7 @@ from l1.config import ModelConfig, TrainConfig
 from l1.data import BatchIterator, PreparedData, eval_batches, prepare
 from l1.errors import L1Error
 from l1.model import GPT
+from l1.optim import Muon
 
 TRAINING_ARGS = "training_args.json"
 ASSUMED_CPU_MFU = 0.4  # for the "how long would this take here" estimate only
@@ -143,9 +144,10 @@ def _budget_lr_at(cfg: TrainConfig, step: int, seconds: float) -> float:
 def _optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
     """AdamW with weight decay on matrices only (not norms), fused on CUDA and CPU; with
     --optimizer muon, the blocks' matrices go to torch's Muon (its update scaled to AdamW's RMS,
-    so one --lr serves both) and the embedding and norms stay with AdamW. An untied head is a
-    matrix outside the blocks: AdamW with weight decay, like the embedding it would be tied to
-    (modded-nanogpt and nanochat also keep the head out of Muon)."""
+    so one --lr serves both; its Newton-Schulz iterations in runtime.newton_schulz_dtype) and the
+    embedding and norms stay with AdamW. An untied head is a matrix outside the blocks: AdamW
+    with weight decay, like the embedding it would be tied to (modded-nanogpt and nanochat also
+    keep the head out of Muon)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     muon = [p for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.")]
     taken = {id(p) for p in muon}
@@ -155,8 +157,8 @@ def _optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torc
     fused = device.type in ("cuda", "cpu")
     optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)]
     if muon:
-        optimizers.append(torch.optim.Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           adjust_lr_fn="match_rms_adamw"))
+        optimizers.append(Muon(muon, ns_dtype=runtime.newton_schulz_dtype(device), lr=cfg.lr,
+                               weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"))
     return optimizers
 
 
@@ -471,8 +473,10 @@ class _Run:
             self.log(f"distributed: {self.dist.world_size} processes, {'FSDP2' if cfg.fsdp else 'DDP'}, "
                      f"{self.accum} micro-steps of {self.micro_batch} sequences each per optimizer step")
         amp = self.precision
+        muon = [f", Muon's Newton-Schulz in {'bf16' if opt.ns_dtype == torch.bfloat16 else 'fp32'}"
+                for opt in self.optimizers if isinstance(opt, Muon)]
         self.log(f"device {self.device}, precision {amp.compute_dtype if amp.amp else 'fp32'}"
-                 f"{' autocast' if amp.amp else ''}, compile {'on' if self.compiled else 'off'}, "
+                 f"{' autocast' if amp.amp else ''}{''.join(muon)}, compile {'on' if self.compiled else 'off'}, "
                  f"grad checkpointing {'on' if cfg.grad_ckpt else 'off'}, "
                  f"{self.tokens_per_step:,} tokens/step, matmul roofline {self.peak / 1e12:.3g} TFLOP/s")
         if not HAS_MATPLOTLIB:

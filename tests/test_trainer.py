@@ -10,7 +10,7 @@ import torch
 
 import train_gpu_compatible
 from conftest import run_script, tiny_args
-from l1 import trainer
+from l1 import runtime, trainer
 from l1.checkpoint import load_file
 from l1.errors import L1Error
 
@@ -116,7 +116,10 @@ def test_resume_is_bitwise_exact_across_an_epoch_boundary(corpus, tmp_path, monk
     assert final["step"] == 30 and final["epoch"] >= 1, "the run must cross an epoch boundary"
     assert_bitwise_equal(weights(straight / "run"), final["model"])
     assert_same_state(load_file(straight / "run" / "latest_checkpoint.pt"), final)  # optimizer, data, RNG too
-    assert "resumed from latest_checkpoint.pt at step 7" in (stopped / "run" / "training.log").read_text()
+    log = (stopped / "run" / "training.log").read_text()
+    assert "resumed from latest_checkpoint.pt at step 7" in log
+    if recipe.get("optimizer") == "muon":  # in the dtype that is fast here (runtime.newton_schulz_dtype)
+        assert f"Muon's Newton-Schulz in {'bf16' if runtime.native_bf16(torch.device('cpu')) else 'fp32'}" in log
     if flags:  # the knobs reached the model that was trained and saved
         assert final["model_config"]["tie_embeddings"] is False and "blocks.0.mlp.up.weight" in final["model"]
         assert final["model"]["lm_head.weight"].data_ptr() != final["model"]["embed.weight"].data_ptr()
