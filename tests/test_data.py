@@ -408,15 +408,18 @@ def test_disk_full_while_writing_shards_gives_one_line_and_the_same_command_cont
     assert any("continuing" in line for line in logs) and shard_bytes(data) == shard_bytes(reference)
 
 
-def interrupted(proc: subprocess.Popen, after: str) -> float:
-    """Seconds from Ctrl-C (sent once the child prints `after`) to its exit; the child must exit 130."""
-    wait_for(proc, after)
+def interrupted(proc: subprocess.Popen, after: str) -> tuple[float, float, str]:
+    """Ctrl-C the child once it prints `after`; the child must exit 130. Returns the seconds from its
+    start to `after` (its start-up: how loaded the machine is), from Ctrl-C to its exit, and its log."""
+    started = time.monotonic()
+    log = "".join(wait_for(proc, after))
+    startup = time.monotonic() - started
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     signalled = time.monotonic()
-    out = proc.communicate(timeout=120)[0]
+    out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 130, out
-    return time.monotonic() - signalled
+    return startup, time.monotonic() - signalled, log + out
 
 
 def test_ctrl_c_stops_tokenizer_training_at_once(tmp_path):
@@ -426,7 +429,8 @@ def test_ctrl_c_stops_tokenizer_training_at_once(tmp_path):
     (src / "a.txt").write_bytes(np.random.default_rng(0).integers(97, 107, 16 << 20, dtype=np.uint8).tobytes())
     (src / "b.txt").write_text(make_documents(1)[0])
     proc = child(vocab=20000, data=str(src), data_dir=str(tmp_path / "data"))
-    assert interrupted(proc, "training a") < 10
+    startup, stop, _ = interrupted(proc, "training a")
+    assert stop < max(30.0, 3 * startup)  # minutes of merges were left; a loaded machine slows both alike
     assert [p.name[0] for p in (tmp_path / "data").iterdir()] == ["."], "no prepared folder, only the work folder"
 
 
@@ -451,7 +455,8 @@ def test_ctrl_c_stops_tokenization_within_one_batch_and_the_next_run_continues(t
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", SLOW_ENCODE + CHILD, json.dumps({"vocab": 400, "batch_bytes": 2000,
                             **settings})], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert interrupted(proc, "encoding") < 5  # some 200 batches of 0.5 s were left
+    log = interrupted(proc, "encoding")[2]
+    assert log.count("encoding") <= 5  # within a batch or two of the signal: some 200 batches were left
     assert [p.name[0] for p in (tmp_path / "data").iterdir()] == ["."]
     data, logs = prep(tmp_path / "a.parquet", tmp_path / "data", shard_tokens=1000, tokenizer=settings["tokenizer"])
     assert all_documents(data) == sorted(docs)
