@@ -4,6 +4,7 @@ copy, and the helpers that check a refusal (one error line, files unchanged)."""
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,12 @@ import train_gpu_compatible
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = REPO.parent / "shared" / "data" / "wikipedia-sample"
+
+# A suite started in the background by a non-interactive shell (`cmd &`) inherits SIGINT ignored,
+# and so would every process it starts: the Ctrl-C tests' children would never see their Ctrl-C.
+# A handled SIGINT is reset to the default in a child, so the children get Python's usual Ctrl-C.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 WORDS = ("the a of and to in is was for on that with as by at from his her it an were are which this "
          "be or has had first one their its new after who they have two but also been other all "
