@@ -18,8 +18,8 @@ JSON object per probe and run, then a summary per recipe (mean over seeds and th
 --replica scales down the flagship's data-starved regime instead (l1-gpu-compatible: 155.8M
 parameters, about 67M tokens per epoch of Simple English Wikipedia, 0.43 tokens per parameter per
 epoch, 4.9 epochs in its 5000 steps): a 541k-parameter model (REPLICA) on a slice of the sample
-cut to 0.43 tokens per parameter in its training split (the slice is measured once, with the
-first seed's split), trained for --epochs passes over it. Recipes are compared at equal tokens,
+cut to 0.43 tokens per parameter in its training split (the slice is measured once, with seed 1's
+split), trained for --epochs passes over it. Recipes are compared at equal tokens,
 the axis that carries over to a GPU: a recipe with another batch gets the steps that keep the
 tokens. Each run reports its final and best validation loss and bits per byte (the split is held
 out by document) and its measured seconds per step.
@@ -48,6 +48,13 @@ RECIPES = {
     "baseline_fp32": {**BASELINE, "amp": False},  # the textbook form: fp32 even where bf16 is native
     "l1": {"as_is": True},  # the tiny preset as it stands
     "l1_budget": {"as_is": True, "budget": True},  # the tiny preset as it stands, given --max_minutes, not steps
+    "l1_budget_batch4": {"as_is": True, "budget": True, "batch_size": 4},
+    "l1_budget_batch16": {"as_is": True, "budget": True, "batch_size": 16},
+    "l1_budget_warmup250": {"as_is": True, "budget": True, "warmup_steps": 250},  # ~10% of a 5-minute run here
+    "l1_budget_lr_x1.5": {"as_is": True, "budget": True, "lr": 2.7e-3},
+    # The tiny preset resized for the budget, lr scaled to width as the baseline's (6e-4 x 768/width).
+    "l1_budget_w192": {"as_is": True, "budget": True, "model": {"n_embd": 192}, "lr": 2.4e-3},
+    "l1_budget_w128": {"as_is": True, "budget": True, "model": {"n_embd": 128}, "lr": 3.6e-3},
     "high_lr": {**BASELINE, "lr": 4e-3},
     "wsd": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},
     "wsd_high_lr": {**BASELINE, "lr": 4e-3, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},
@@ -81,6 +88,27 @@ RECIPES = {
                                "decay_fraction": 0.2, "min_lr_ratio": 0.0, "batch_size": 4},
     # GPT-2's init std 0.02 was set for width 768; scaled as 1/sqrt(width) it is 0.057 at the replica's 96.
     "init_wide": {**BASELINE, "model": {"init_std": 0.02 * (768 / 96) ** 0.5}},
+    # A second round: the screening's winners pushed further, and the remaining optimizer knobs.
+    "wsd_batch_quarter": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0, "batch_size": 2},
+    "muon_qk_wsd_lr_x2": {**BASELINE, "optimizer": "muon", "model": {"qk_norm": True}, "schedule": "wsd",
+                          "decay_fraction": 0.2, "min_lr_ratio": 0.0, "lr_x": 2.0},
+    "muon_qk_wsd_lr_half": {**BASELINE, "optimizer": "muon", "model": {"qk_norm": True}, "schedule": "wsd",
+                            "decay_fraction": 0.2, "min_lr_ratio": 0.0, "lr_x": 0.5},
+    "beta2_099": {**BASELINE, "beta2": 0.99},
+    "no_clip": {**BASELINE, "grad_clip": 0.0},
+    "warmup_short": {**BASELINE, "warmup_fraction": 0.02},
+    "lr_x1.4": {**BASELINE, "lr_x": 1.4},
+    # L1's schedule at the flagship's share of warmup (200 of 5000 steps) and at twice the baseline's.
+    "wsd_warmup_4pct": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0,
+                        "warmup_fraction": 0.04},
+    "wsd_warmup_20pct": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0,
+                         "warmup_fraction": 0.2},
+    # 4% of 4x the steps (171): is it the share of the run that matters, or the steps (Adam's moments
+    # need ~1/(1 - beta2) = 20 steps to settle)?
+    "wsd_batch_quarter_warmup_4pct": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0,
+                                      "batch_size": 2, "warmup_fraction": 0.04},
+    "wsd_decay_half_batch_quarter": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.5, "min_lr_ratio": 0.0,
+                                     "batch_size": 2},
 }
 TEXTBOOK_LR = 6e-4 * 768  # GPT-3 small's lr at width 768, scaled as 1/width
 # Every recipe but the presets as they stand trains the tiny model at the classic reproductions'
@@ -95,15 +123,17 @@ REPLICA = {"model": {"vocab_size": 1024, "n_layer": 4, "n_head": 4, "n_embd": 96
 FLAGSHIP_TOKENS_PER_PARAM_EPOCH = 0.43  # 67M tokens / 155.8M parameters
 EVALS_PER_RUN = 10
 def run_config(name: str, seed: int, args, max_steps: int, **overrides) -> config.TrainConfig:
-    """The resolved TrainConfig of one recipe and seed, warming up over 10% of max_steps."""
+    """The resolved TrainConfig of one recipe and seed, warming up over 10% of max_steps (or the
+    recipe's warmup_fraction)."""
     recipe = dict(RECIPES[name])
     lr_x = recipe.pop("lr_x", None)
     as_is = recipe.pop("as_is", False)
+    warmup_fraction = recipe.pop("warmup_fraction", WARMUP_FRACTION)
     if recipe.pop("budget", False):  # the preset's own warmup; the time budget sets the length
         overrides = {"max_minutes": args.minutes, **overrides}
-        max_steps, warmup = 0, config.preset_dict("tiny")["warmup_steps"]
+        max_steps, warmup = 0, recipe.pop("warmup_steps", config.preset_dict("tiny")["warmup_steps"])
     else:
-        warmup = max(1, round(WARMUP_FRACTION * max_steps))
+        warmup = max(1, round(warmup_fraction * max_steps))
     base = config.merge({"preset": "tiny", "seed": seed, "log_every": 10, "eval_batches": args.eval_batches,
                          "keep": 1, "data": {"data": args.data, "data_dir": args.data_dir,
                                              "max_docs": args.max_docs}},
@@ -182,8 +212,9 @@ def plot_curves(runs: dict[str, list[Path]], span: float, x_label: str, path: Pa
             x = [span * step / last for step in steps]
         ax.plot(x, loss, label=name)
     ax.set_xlabel(x_label)
-    ax.set_ylabel(f"{'training' if kind == 'train' else 'validation'} loss "
-                  f"(mean of {len(next(iter(runs.values())))} seeds)")
+    seeds = len(next(iter(runs.values())))
+    ax.set_ylabel(f"{'training' if kind == 'train' else 'validation'} loss"
+                  + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
     ax.set_ylim(top=min(ax.get_ylim()[1], 6.0))
     ax.grid(alpha=0.3)
     ax.legend()
@@ -193,9 +224,10 @@ def plot_curves(runs: dict[str, list[Path]], span: float, x_label: str, path: Pa
 def replica_slice(args) -> tuple[int, int, int]:
     """(max_docs, training tokens, parameters) of the slice of --data whose training split holds the
     flagship's tokens per parameter per epoch for the REPLICA model, within 5% where the articles'
-    lengths allow: a guess, then interpolation between the closest slices below and above (the
-    first seed's split and tokenizer; each slice measured is prepared once and cached)."""
-    cfg = run_config("baseline", args.seeds[0], args, 1)
+    lengths allow: a guess, then interpolation between the closest slices below and above (seed 1's
+    split and tokenizer whatever --seeds says, so that separate invocations train on the same slice;
+    each slice measured is prepared once and cached)."""
+    cfg = run_config("baseline", 1, args, 1)
     params = cfg.model.num_params
     target = args.tokens_per_param * params
     docs = max(20, round(target / 500))  # about 500 tokens per Wikipedia article with a 1k vocabulary

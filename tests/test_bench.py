@@ -55,3 +55,19 @@ def test_budget_recipe_is_the_tiny_preset_under_the_time_budget():
     assert dataclasses.replace(budget, max_minutes=0.0, max_steps=800, warmup_steps=tiny.warmup_steps) == tiny
     fp32 = recipe.run_config("baseline_fp32", 1, args, 100)
     assert fp32.amp is False and recipe.work(fp32) != recipe.work(recipe.run_config("baseline", 1, args, 100))
+
+
+def test_second_round_recipes_change_what_they_name():
+    """warmup_short warms up over 2% of the steps instead of 10%, and nothing else; the budget
+    variants are l1_budget but for their batch, warmup, width or lr."""
+    args = argparse.Namespace(replica=True, data="corpus", data_dir="data", max_docs=0, eval_batches=10, minutes=5.0)
+    base = recipe.run_config("baseline", 1, args, 1000)
+    short = recipe.run_config("warmup_short", 1, args, 1000)
+    assert (base.warmup_steps, short.warmup_steps) == (100, 20)
+    assert dataclasses.replace(short, warmup_steps=100) == base
+    args.replica = False
+    budget = recipe.run_config("l1_budget", 1, args, 0)
+    for name, change in [("l1_budget_batch4", {"batch_size": 4}), ("l1_budget_batch16", {"batch_size": 16}),
+                         ("l1_budget_lr_x1.5", {"lr": 2.7e-3}), ("l1_budget_warmup250", {"warmup_steps": 250}),
+                         ("l1_budget_w128", {"lr": 3.6e-3, "model": dataclasses.replace(budget.model, n_embd=128)})]:
+        assert recipe.run_config(name, 1, args, 0) == dataclasses.replace(budget, **change)
