@@ -143,11 +143,11 @@ def _budget_lr_at(cfg: TrainConfig, step: int, seconds: float) -> float:
 
 def _optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
     """AdamW with weight decay on matrices only (not norms), fused on CUDA and CPU; with
-    --optimizer muon, the blocks' matrices go to torch's Muon (its update scaled to AdamW's RMS,
-    so one --lr serves both; its Newton-Schulz iterations in runtime.newton_schulz_dtype) and the
-    embedding and norms stay with AdamW. An untied head is a matrix outside the blocks: AdamW
-    with weight decay, like the embedding it would be tied to (modded-nanogpt and nanochat also
-    keep the head out of Muon)."""
+    --optimizer muon, the blocks' matrices go to Muon (l1/optim.py: torch's update, scaled to
+    AdamW's RMS so one --lr serves both; its Newton-Schulz iterations in
+    runtime.newton_schulz_dtype) and the embedding and norms stay with AdamW. An untied head is a
+    matrix outside the blocks: AdamW with weight decay, like the embedding it would be tied to
+    (modded-nanogpt and nanochat also keep the head out of Muon)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     muon = [p for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.")]
     taken = {id(p) for p in muon}
