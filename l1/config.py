@@ -431,7 +431,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str, title: str) -
         if cls is TrainConfig and f.name in _SECTIONS:
             continue
         kind = kinds[f.name]
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        presets = "" if cls is SamplingConfig else _preset_values(prefix, f.name)
+        help_text = f"{f.metadata['help']} (default: {f.default}{presets})"
         dest = f"{prefix}.{f.name}" if prefix else f.name
         if kind in (bool, typing.Optional[bool]):
             group.add_argument(f"--{f.name}", dest=dest, action=argparse.BooleanOptionalAction,
@@ -439,6 +440,14 @@ def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str, title: str) -
         else:
             group.add_argument(f"--{f.name}", dest=dest, type=_int_or_auto if f.metadata["auto"] else kind,
                                default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+
+
+def _preset_values(section: str, name: str) -> str:
+    """'; presets: l1-gpu-compatible 0.00045, ...' for a field that presets set ('' for none): the
+    default preset sets some, so the field's own default alone would mislead --help's reader."""
+    values = [f"{preset} {(values.get(section, {}) if section else values)[name]}"
+              for preset, values in PRESETS.items() if name in (values.get(section, {}) if section else values)]
+    return f"; presets: {', '.join(values)}" if values else ""
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

@@ -19,6 +19,30 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def test_help_gives_each_presets_own_values(monkeypatch):
+    """--help shows a field's default and every preset's value for it (the default preset sets lr,
+    warmup and the MLP width, so the field defaults alone would be wrong for a plain run)."""
+    monkeypatch.setenv("COLUMNS", "10000")  # no wrapping inside a help text
+    lines, flag = {}, None
+    for line in parser().format_help().splitlines():
+        if line.startswith("  --"):
+            flag = line.split()[0]
+            lines[flag] = line
+        elif flag and line.startswith("   "):  # the help text, below a long flag
+            lines[flag] += " " + line.strip()
+        else:
+            flag = None
+    checked = 0
+    for preset, values in config.PRESETS.items():
+        for name, value in [*((k, v) for k, v in values.items() if not isinstance(v, dict)),
+                            *(item for v in values.values() if isinstance(v, dict) for item in v.items())]:
+            assert f"{preset} {value}" in lines[f"--{name}"], name
+            checked += 1
+    assert checked >= 10
+    assert "default: 0.0006; presets: l1-gpu-compatible 0.00045," in lines["--lr"]
+    assert "presets" not in lines["--seed"]
+
+
 @pytest.mark.parametrize("name", list(config.PRESETS))
 def test_preset_json_round_trip_is_exact(name, tmp_path):
     cfg = config.resolve({"preset": name})
