@@ -350,13 +350,20 @@ def setup(device_spec: str = "auto", amp: bool | None = None, deterministic: boo
 _preparation_group = None  # a gloo group with a long timeout, for the wait on data preparation
 
 
-def wait_for_preparation(ctx: Distributed) -> None:
-    """A barrier that waits as long as the main rank's data preparation takes (see
-    PREPARATION_TIMEOUT); a no-op in one process."""
-    if ctx.enabled:
-        import torch.distributed as dist
+def preparation_outcome(ctx: Distributed, failure: str | None = None) -> None:
+    """The main rank's data preparation has ended: the main rank sends its outcome (failure: the
+    error's message, None when it succeeded), the others wait for it as long as preparation takes
+    (PREPARATION_TIMEOUT) and raise the main rank's L1Error, so that a bad --data or a missing
+    network ends every rank with the one error line instead of a lost-connection traceback from
+    each of the others. A no-op in one process."""
+    if not ctx.enabled:
+        return
+    import torch.distributed as dist
 
-        dist.barrier(group=_preparation_group)
+    outcome = [failure]
+    dist.broadcast_object_list(outcome, src=0, group=_preparation_group)
+    if outcome[0] is not None and not ctx.is_main:
+        raise L1Error(outcome[0])
 
 
 def shutdown_distributed(ctx: Distributed) -> None:

@@ -327,11 +327,15 @@ def _prepare_data(cfg: TrainConfig, dist: runtime.Distributed, log) -> PreparedD
         # A resumed run keeps its own tokenizer even if the prepared corpus was deleted.
         data_cfg = dataclasses.replace(data_cfg, tokenizer=str(run_tokenizer))
     if not dist.is_main:
-        runtime.wait_for_preparation(dist)
-    data = prepare(data_cfg, cfg.model.vocab_size, cfg.seed, log=log)
-    if dist.is_main:
-        runtime.wait_for_preparation(dist)
-        data.tokenizer.save(run_tokenizer)
+        runtime.preparation_outcome(dist)  # raises the main rank's error
+        return prepare(data_cfg, cfg.model.vocab_size, cfg.seed, log=log)
+    try:
+        data = prepare(data_cfg, cfg.model.vocab_size, cfg.seed, log=log)
+    except L1Error as exc:
+        runtime.preparation_outcome(dist, failure=str(exc))
+        raise
+    runtime.preparation_outcome(dist)
+    data.tokenizer.save(run_tokenizer)
     return data
 
 

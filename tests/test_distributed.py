@@ -55,3 +55,15 @@ def test_two_processes_match_one(corpus, tmp_path, single_run, mode):
     resumed = run_script("train_gpu_compatible.py", *tiny_args(corpus, tmp_path, max_steps=10))
     assert resumed.returncode == 0, resumed.stderr
     assert load_file(run / "latest_checkpoint.pt")["step"] == 10
+
+
+def test_a_failed_preparation_ends_every_rank_with_one_error_line(tmp_path):
+    """The main rank's data preparation fails (no text): the other rank, waiting for it, ends with
+    the same error instead of a lost-connection traceback, and the error is printed once."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = torchrun(tiny_args(empty, tmp_path))
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
+    assert ours == [f"error: --data {empty}: no text found"], result.stderr[-3000:]
+    assert not (tmp_path / "run" / "latest_checkpoint.pt").exists()
