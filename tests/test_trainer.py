@@ -429,6 +429,19 @@ def test_budgeted_run_ends_at_its_deadline_decayed_and_a_resume_keeps_the_clock(
     assert load_file(stopped / "latest_checkpoint.pt")["step"] == 12
 
 
+def test_a_spent_budget_without_a_step_limit_reruns_as_done(corpus, tmp_path, monkeypatch):
+    """A --max_minutes run with no step limit (max_steps 0, as the README's first command leaves
+    it) is complete once its budget is spent: the same command again ends at once with exit 0, as a
+    finished step-bounded run does, instead of refusing 0 as a --max_steps below the step reached."""
+    flags = dict(max_minutes=0.1, max_steps=0, warmup_steps=2, log_every=1, eval_every=1000, save_every=1000)
+    simulated_clock(monkeypatch, 1.0)
+    assert train(tiny_args(corpus, tmp_path, **flags)) == 0
+    assert load_file(tmp_path / "run" / "latest_checkpoint.pt")["step"] == 6
+    assert train(tiny_args(corpus, tmp_path, **flags)) == 0
+    assert "done: step 6" in (tmp_path / "run" / "training.log").read_text().splitlines()[-1]
+    assert load_file(tmp_path / "run" / "latest_checkpoint.pt")["step"] == 6
+
+
 def test_budgeted_run_on_the_real_clock_spends_its_budget(corpus, tmp_path):
     """--max_minutes 0.1 in real time: the run ends once its budget is spent, long before max_steps,
     its lr falling with the time."""
