@@ -55,6 +55,8 @@ RECIPES = {
     # The tiny preset resized for the budget, lr scaled to width as the baseline's (6e-4 x 768/width).
     "l1_budget_w192": {"as_is": True, "budget": True, "model": {"n_embd": 192}, "lr": 2.4e-3},
     "l1_budget_w128": {"as_is": True, "budget": True, "model": {"n_embd": 128}, "lr": 3.6e-3},
+    "l1_budget_w128_batch16": {"as_is": True, "budget": True, "model": {"n_embd": 128}, "lr": 3.6e-3,
+                               "batch_size": 16},  # the two largest gains together
     "high_lr": {**BASELINE, "lr": 4e-3},
     "wsd": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},
     "wsd_high_lr": {**BASELINE, "lr": 4e-3, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},

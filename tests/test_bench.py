@@ -69,5 +69,7 @@ def test_second_round_recipes_change_what_they_name():
     budget = recipe.run_config("l1_budget", 1, args, 0)
     for name, change in [("l1_budget_batch4", {"batch_size": 4}), ("l1_budget_batch16", {"batch_size": 16}),
                          ("l1_budget_lr_x1.5", {"lr": 2.7e-3}), ("l1_budget_warmup250", {"warmup_steps": 250}),
-                         ("l1_budget_w128", {"lr": 3.6e-3, "model": dataclasses.replace(budget.model, n_embd=128)})]:
+                         ("l1_budget_w128", {"lr": 3.6e-3, "model": dataclasses.replace(budget.model, n_embd=128)}),
+                         ("l1_budget_w128_batch16", {"lr": 3.6e-3, "batch_size": 16,
+                                                     "model": dataclasses.replace(budget.model, n_embd=128)})]:
         assert recipe.run_config(name, 1, args, 0) == dataclasses.replace(budget, **change)
