@@ -445,9 +445,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str, title: str) -
 def _preset_values(section: str, name: str) -> str:
     """'; presets: l1-gpu-compatible 0.00045, ...' for a field that presets set ('' for none): the
     default preset sets some, so the field's own default alone would mislead --help's reader."""
-    values = [f"{preset} {(values.get(section, {}) if section else values)[name]}"
-              for preset, values in PRESETS.items() if name in (values.get(section, {}) if section else values)]
-    return f"; presets: {', '.join(values)}" if values else ""
+    scopes = {preset: values.get(section, {}) if section else values for preset, values in PRESETS.items()}
+    found = [f"{preset} {scope[name]}" for preset, scope in scopes.items() if name in scope]
+    return f"; presets: {', '.join(found)}" if found else ""
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

@@ -84,9 +84,9 @@ def _stored_in_checkpoint(run_dir: Path) -> dict | None:
 
 
 def _check_max_steps(cfg: TrainConfig, step: int) -> None:
-    """--max_steps is the run's total: one below the step reached would end before it (0 under a
-    time budget is no step limit at all)."""
-    if isinstance(step, int) and cfg.max_steps < step and not (cfg.max_minutes and cfg.max_steps == 0):
+    """--max_steps is the run's total: one below the step reached would end before it (0, allowed
+    only under a time budget, is no step limit at all)."""
+    if isinstance(step, int) and cfg.max_steps and cfg.max_steps < step:
         raise L1Error(f"the run is at step {step} already; --max_steps is the run's total, so "
                       f"{cfg.max_steps} ends before it: give a larger --max_steps")
 
