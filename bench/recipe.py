@@ -43,30 +43,33 @@ from l1 import config, data, plot, trainer
 BASELINE = {"lr_x": 1.0, "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.1, "schedule": "cosine",
             "min_lr_ratio": 0.1}
 WARMUP_FRACTION = 0.1
+WSD = {"schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0}  # L1's schedule
+MUON_QK = {"optimizer": "muon", "model": {"qk_norm": True}}  # Muon with QK-norm beside it
+BUDGET = {"as_is": True, "budget": True}  # the tiny preset as it stands, given --max_minutes, not steps
 RECIPES = {
     "baseline": BASELINE,
     "baseline_fp32": {**BASELINE, "amp": False},  # the textbook form: fp32 even where bf16 is native
     "l1": {"as_is": True},  # the tiny preset as it stands
-    "l1_budget": {"as_is": True, "budget": True},  # the tiny preset as it stands, given --max_minutes, not steps
-    "l1_budget_batch4": {"as_is": True, "budget": True, "batch_size": 4},
-    "l1_budget_batch16": {"as_is": True, "budget": True, "batch_size": 16},
-    "l1_budget_warmup250": {"as_is": True, "budget": True, "warmup_steps": 250},  # ~10% of a 5-minute run here
-    "l1_budget_lr_x1.5": {"as_is": True, "budget": True, "lr": 2.7e-3},
+    "l1_budget": BUDGET,
+    "l1_budget_batch4": {**BUDGET, "batch_size": 4},
+    "l1_budget_batch16": {**BUDGET, "batch_size": 16},
+    "l1_budget_warmup250": {**BUDGET, "warmup_steps": 250},  # ~10% of a 5-minute run here
+    "l1_budget_lr_x1.5": {**BUDGET, "lr": 2.7e-3},
     # The tiny preset resized for the budget, lr scaled to width as the baseline's (6e-4 x 768/width).
-    "l1_budget_w192": {"as_is": True, "budget": True, "model": {"n_embd": 192}, "lr": 2.4e-3},
-    "l1_budget_w128": {"as_is": True, "budget": True, "model": {"n_embd": 128}, "lr": 3.6e-3},
-    "l1_budget_w128_batch16": {"as_is": True, "budget": True, "model": {"n_embd": 128}, "lr": 3.6e-3,
+    "l1_budget_w192": {**BUDGET, "model": {"n_embd": 192}, "lr": 2.4e-3},
+    "l1_budget_w128": {**BUDGET, "model": {"n_embd": 128}, "lr": 3.6e-3},
+    "l1_budget_w128_batch16": {**BUDGET, "model": {"n_embd": 128}, "lr": 3.6e-3,
                                "batch_size": 16},  # the two largest gains together
     "high_lr": {**BASELINE, "lr": 4e-3},
-    "wsd": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},
-    "wsd_high_lr": {**BASELINE, "lr": 4e-3, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},
+    "wsd": {**BASELINE, **WSD},
+    "wsd_high_lr": {**BASELINE, "lr": 4e-3, **WSD},
     "batch8": {**BASELINE, "batch_size": 8},  # half the tokens per step, twice the steps
-    "batch8_wsd": {**BASELINE, "batch_size": 8, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},
+    "batch8_wsd": {**BASELINE, "batch_size": 8, **WSD},
     "qk_norm": {**BASELINE, "model": {"qk_norm": True}},
     "z_loss": {**BASELINE, "z_loss": 1e-4},
     "muon": {**BASELINE, "optimizer": "muon", "lr": 4e-3},
     # Candidates for the data-starved regime (--replica), each one change against the baseline.
-    "l1_wsd": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0},  # L1's schedule
+    "l1_wsd": {**BASELINE, **WSD},  # L1's schedule
     "wd0": {**BASELINE, "weight_decay": 0.0},
     "wd03": {**BASELINE, "weight_decay": 0.3},
     "wd1": {**BASELINE, "weight_decay": 1.0},
@@ -75,42 +78,34 @@ RECIPES = {
     "batch_half": {**BASELINE, "batch_size": 4},  # equal tokens: twice the steps
     "batch_x2": {**BASELINE, "batch_size": 16},
     "muon_x": {**BASELINE, "optimizer": "muon"},  # Muon at the baseline's lr (scaled to AdamW's RMS)
-    "muon_qk_norm": {**BASELINE, "optimizer": "muon", "model": {"qk_norm": True}},
+    "muon_qk_norm": {**BASELINE, **MUON_QK},
     "dropout": {**BASELINE, "model": {"dropout": 0.1}},
     "untied": {**BASELINE, "model": {"tie_embeddings": False}},
     "relu2": {**BASELINE, "model": {"mlp": "relu2"}},
     "softcap": {**BASELINE, "model": {"logit_softcap": 15.0}},
     # Combinations of the screening's winners (WSD, half the batch, Muon with QK-norm).
-    "wsd_long_decay": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.5, "min_lr_ratio": 0.0},
-    "wsd_batch_half": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0, "batch_size": 4},
-    "muon_qk_wsd": {**BASELINE, "optimizer": "muon", "model": {"qk_norm": True}, "schedule": "wsd",
-                    "decay_fraction": 0.2, "min_lr_ratio": 0.0},
-    "muon_qk_lr_x2": {**BASELINE, "optimizer": "muon", "model": {"qk_norm": True}, "lr_x": 2.0},
-    "muon_qk_wsd_batch_half": {**BASELINE, "optimizer": "muon", "model": {"qk_norm": True}, "schedule": "wsd",
-                               "decay_fraction": 0.2, "min_lr_ratio": 0.0, "batch_size": 4},
+    "wsd_long_decay": {**BASELINE, **WSD, "decay_fraction": 0.5},
+    "wsd_batch_half": {**BASELINE, **WSD, "batch_size": 4},
+    "muon_qk_wsd": {**BASELINE, **MUON_QK, **WSD},
+    "muon_qk_lr_x2": {**BASELINE, **MUON_QK, "lr_x": 2.0},
+    "muon_qk_wsd_batch_half": {**BASELINE, **MUON_QK, **WSD, "batch_size": 4},
     # GPT-2's init std 0.02 was set for width 768; scaled as 1/sqrt(width) it is 0.057 at the replica's 96.
     "init_wide": {**BASELINE, "model": {"init_std": 0.02 * (768 / 96) ** 0.5}},
     # A second round: the screening's winners pushed further, and the remaining optimizer knobs.
-    "wsd_batch_quarter": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0, "batch_size": 2},
-    "muon_qk_wsd_lr_x2": {**BASELINE, "optimizer": "muon", "model": {"qk_norm": True}, "schedule": "wsd",
-                          "decay_fraction": 0.2, "min_lr_ratio": 0.0, "lr_x": 2.0},
-    "muon_qk_wsd_lr_half": {**BASELINE, "optimizer": "muon", "model": {"qk_norm": True}, "schedule": "wsd",
-                            "decay_fraction": 0.2, "min_lr_ratio": 0.0, "lr_x": 0.5},
+    "wsd_batch_quarter": {**BASELINE, **WSD, "batch_size": 2},
+    "muon_qk_wsd_lr_x2": {**BASELINE, **MUON_QK, **WSD, "lr_x": 2.0},
+    "muon_qk_wsd_lr_half": {**BASELINE, **MUON_QK, **WSD, "lr_x": 0.5},
     "beta2_099": {**BASELINE, "beta2": 0.99},
     "no_clip": {**BASELINE, "grad_clip": 0.0},
     "warmup_short": {**BASELINE, "warmup_fraction": 0.02},
     "lr_x1.4": {**BASELINE, "lr_x": 1.4},
     # L1's schedule at the flagship's share of warmup (200 of 5000 steps) and at twice the baseline's.
-    "wsd_warmup_4pct": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0,
-                        "warmup_fraction": 0.04},
-    "wsd_warmup_20pct": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0,
-                         "warmup_fraction": 0.2},
+    "wsd_warmup_4pct": {**BASELINE, **WSD, "warmup_fraction": 0.04},
+    "wsd_warmup_20pct": {**BASELINE, **WSD, "warmup_fraction": 0.2},
     # 4% of 4x the steps (171): is it the share of the run that matters, or the steps (Adam's moments
     # need ~1/(1 - beta2) = 20 steps to settle)?
-    "wsd_batch_quarter_warmup_4pct": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0,
-                                      "batch_size": 2, "warmup_fraction": 0.04},
-    "wsd_decay_half_batch_quarter": {**BASELINE, "schedule": "wsd", "decay_fraction": 0.5, "min_lr_ratio": 0.0,
-                                     "batch_size": 2},
+    "wsd_batch_quarter_warmup_4pct": {**BASELINE, **WSD, "batch_size": 2, "warmup_fraction": 0.04},
+    "wsd_decay_half_batch_quarter": {**BASELINE, **WSD, "decay_fraction": 0.5, "batch_size": 2},
 }
 TEXTBOOK_LR = 6e-4 * 768  # GPT-3 small's lr at width 768, scaled as 1/width
 # Every recipe but the presets as they stand trains the tiny model at the classic reproductions'
