@@ -106,6 +106,10 @@ RECIPES = {
     # need ~1/(1 - beta2) = 20 steps to settle)?
     "wsd_batch_quarter_warmup_4pct": {**BASELINE, **WSD, "batch_size": 2, "warmup_fraction": 0.04},
     "wsd_decay_half_batch_quarter": {**BASELINE, **WSD, "decay_fraction": 0.5, "batch_size": 2},
+    # A third round: the two best changes together, and knobs from the speedrun peers on L1's schedule.
+    "muon_qk_wsd_batch_quarter": {**BASELINE, **MUON_QK, **WSD, "batch_size": 2},
+    "beta1_08_wsd": {**BASELINE, **WSD, "beta1": 0.8},
+    "untied_wsd": {**BASELINE, **WSD, "model": {"tie_embeddings": False}},
 }
 TEXTBOOK_LR = 6e-4 * 768  # GPT-3 small's lr at width 768, scaled as 1/width
 # Every recipe but the presets as they stand trains the tiny model at the classic reproductions'
