@@ -573,6 +573,46 @@ def test_epoch_visits_every_window_once_in_a_seeded_order():
     assert firsts(it, 33) != epoch, "each epoch has its own order"
 
 
+def starts(it, n_batches) -> list[int]:
+    """The first token position of each row of the next n batches."""
+    return [int(v) for _ in range(n_batches) for v in it.next()[0][:, 0]]
+
+
+def epoch_offsets(seed: int, n_epochs: int) -> list[int]:
+    """Each epoch's cut, checked on the way: one offset per epoch, below seq_len, every window of
+    the epoch once, none past the end."""
+    it, offsets = BatchIterator(POSITIONS, seq_len=10, batch_size=3, seed=seed), []
+    for epoch in range(n_epochs):
+        assert it.epoch == epoch
+        windows = it.windows_per_epoch
+        epoch_starts = starts(it, windows // 3)
+        offset = epoch_starts[0] % 10
+        assert {s % 10 for s in epoch_starts} == {offset}
+        assert len(set(epoch_starts)) == len(epoch_starts) and max(epoch_starts) + 10 < len(POSITIONS)
+        assert windows == (1000 - offset) // 10
+        offsets.append(offset)
+    return offsets
+
+
+def test_later_epochs_cut_the_stream_at_a_seeded_offset():
+    offsets = epoch_offsets(seed=0, n_epochs=8)
+    assert offsets[0] == 0 and len(set(offsets[1:])) > 1, offsets
+    assert epoch_offsets(seed=0, n_epochs=8) == offsets and epoch_offsets(seed=1, n_epochs=8) != offsets
+
+
+@pytest.mark.parametrize("length", [41, 45])
+def test_an_offset_leaves_room_for_a_global_batch(length):
+    ranks = [BatchIterator(POSITIONS[:length], seq_len=10, batch_size=2, seed=0, rank=r, world_size=2)
+             for r in range(2)]  # 4 windows of 10: one global batch per epoch
+    seen = set()
+    for _ in range(50):
+        x, y = (torch.cat(t) for t in zip(*(it.next() for it in ranks)))
+        assert y.max() < length and (y == x + 1).all()
+        assert len({int(v) % 10 for v in x[:, 0]}) == 1, "the ranks cut at the same offset"
+        seen.add(int(x[0, 0]) % 10)
+    assert seen == ({0} if length == 41 else set(range(5)))  # room for offsets up to 0, or up to 4
+
+
 @pytest.mark.parametrize("k", [0, 5, 32, 33, 40])
 def test_restored_position_gives_the_same_following_batches(k):
     straight = BatchIterator(POSITIONS, seq_len=10, batch_size=3, seed=7)  # 33 batches per epoch
@@ -581,7 +621,7 @@ def test_restored_position_gives_the_same_following_batches(k):
     assert set(state) == {"epoch", "index"} and all(type(v) is int for v in state.values())
     resumed = BatchIterator(POSITIONS, seq_len=10, batch_size=3, seed=7)
     resumed.load_state_dict(json.loads(json.dumps(state)))
-    assert firsts(resumed, 40) == firsts(straight, 40)  # crosses into the next epoch
+    assert starts(resumed, 40) == starts(straight, 40)  # crosses into the next epoch
     assert resumed.epoch == straight.epoch >= 1
 
 
