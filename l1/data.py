@@ -724,7 +724,7 @@ class BatchIterator:
         self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.global_batch = batch_size * world_size
-        if (len(tokens) - 1) // seq_len < self.global_batch:
+        if self._count(0) < self.global_batch:
             raise _too_small("training", tokens, seq_len, batch_size, world_size)
         self.epoch, self.index, self._order = 0, 0, None
         self._seek(0, 0)
@@ -744,9 +744,9 @@ class BatchIterator:
         room = min(self.seq_len - 1, len(self.tokens) - 1 - self.global_batch * self.seq_len)
         return int(np.random.default_rng([self.seed, epoch, 1]).integers(0, room + 1))
 
-    def _windows(self, epoch: int) -> int:
-        """The number of whole windows after the epoch's offset."""
-        return (len(self.tokens) - 1 - self._offset(epoch)) // self.seq_len
+    def _count(self, offset: int) -> int:
+        """The number of whole windows (each with its next-token target) from `offset` on."""
+        return (len(self.tokens) - 1 - offset) // self.seq_len
 
     def _seek(self, epoch: int, index: int) -> None:
         """Go to a position. With less than a global batch left, that is the next epoch's start, so
@@ -760,7 +760,8 @@ class BatchIterator:
 
     def _enter(self, epoch: int) -> None:
         """Set up the epoch: its cut, its number of windows and their order."""
-        self.offset, self.windows_per_epoch = self._offset(epoch), self._windows(epoch)
+        self.offset = self._offset(epoch)
+        self.windows_per_epoch = self._count(self.offset)
         self._order = WindowOrder(self.windows_per_epoch, [self.seed, epoch])
 
     def state_dict(self) -> dict:
@@ -770,9 +771,10 @@ class BatchIterator:
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where an iterator over the same tokens and seed left off."""
         epoch, index = int(state["epoch"]), int(state["index"])
-        if epoch < 0 or not 0 <= index <= self._windows(epoch):
+        windows = self._count(self._offset(max(epoch, 0)))
+        if epoch < 0 or not 0 <= index <= windows:
             raise L1Error(f"data position epoch {epoch}, window {index} does not fit this training split "
-                          f"({self._windows(max(epoch, 0))} windows of {self.seq_len} tokens)")
+                          f"({windows} windows of {self.seq_len} tokens)")
         self._order = None
         self._seek(epoch, index)
 
