@@ -110,13 +110,25 @@ RECIPES = {
     "muon_qk_wsd_batch_quarter": {**BASELINE, **MUON_QK, **WSD, "batch_size": 2},
     "beta1_08_wsd": {**BASELINE, **WSD, "beta1": 0.8},
     "untied_wsd": {**BASELINE, **WSD, "model": {"tie_embeddings": False}},
+    # What size and shape this data wants: the same slice and tokens on L1's schedule, other widths
+    # and depths (lr scaled to width as the baseline's).
+    "wsd_w64": {**BASELINE, **WSD, "model": {"n_embd": 64}},
+    "wsd_w192": {**BASELINE, **WSD, "model": {"n_embd": 192}},
+    "wsd_deep8": {**BASELINE, **WSD, "model": {"n_layer": 8}},
+    "wsd_deep8_w64": {**BASELINE, **WSD, "model": {"n_layer": 8, "n_embd": 64}},
+    "wsd_deep8_w192": {**BASELINE, **WSD, "model": {"n_layer": 8, "n_embd": 192}},
+    "wsd_w384": {**BASELINE, **WSD, "model": {"n_embd": 384}},
+    "wsd_w768": {**BASELINE, **WSD, "model": {"n_embd": 768}},
+    # The larger the model on the same data, the more it may need regularizing.
+    "wsd_w384_wd1": {**BASELINE, **WSD, "model": {"n_embd": 384}, "weight_decay": 1.0},
+    "wsd_w768_wd1": {**BASELINE, **WSD, "model": {"n_embd": 768}, "weight_decay": 1.0},
 }
 TEXTBOOK_LR = 6e-4 * 768  # GPT-3 small's lr at width 768, scaled as 1/width
 # Every recipe but the presets as they stand trains the tiny model at the classic reproductions'
 # micro-batch of 16 sequences, the baseline's (the tiny preset's own micro-batch is 8 since it won).
 TEXTBOOK_TINY = {"batch_size": 16}
-# The flagship's regime, scaled down to a few minutes a run on 2 CPU cores: 4 blocks like the
-# flagship's, 96 wide, 541k parameters (the 1024-token vocabulary a fifth of them, the flagship's
+# The flagship's regime, scaled down to a few minutes a run on 2 CPU cores: 4 blocks (the flagship
+# has 12), 96 wide, 541k parameters (the 1024-token vocabulary a fifth of them, the flagship's
 # 20k vocabulary an eighth), 128 tokens of context, micro-batch 8.
 REPLICA = {"model": {"vocab_size": 1024, "n_layer": 4, "n_head": 4, "n_embd": 96, "block_size": 128},
            "batch_size": 8, "grad_accum": 1, "eval_batches": 10_000,
