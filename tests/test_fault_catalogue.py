@@ -73,6 +73,33 @@ def test_sigterm_during_data_preparation_is_one_line_and_the_same_command_comple
     assert load_file(tmp_path / "run" / "latest_checkpoint.pt")["step"] == 1
 
 
+SWALLOWED = """
+import sys, time
+from l1.cli import entry_point
+class Slow:
+    def __del__(self):  # the signal arrives while this finalizer runs, which swallows exceptions
+        print("finalizing", file=sys.stderr, flush=True)
+        time.sleep(5)
+@entry_point
+def main():
+    Slow()
+    time.sleep(5)
+    print("went on", file=sys.stderr)
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_that_lands_in_a_finalizer_still_interrupts_in_one_line(signum):
+    proc = subprocess.Popen([sys.executable, "-c", SWALLOWED], cwd=REPO, env=ENV, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr.readline().strip() == "finalizing"
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "went on" not in err and "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+    assert err.split() == ["interrupted"]
+
+
 TWO_CTRL_C = """
 import os, signal, sys, time
 import train_gpu_compatible
