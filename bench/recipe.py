@@ -49,6 +49,7 @@ BUDGET = {"as_is": True, "budget": True}  # the tiny preset as it stands, given 
 RECIPES = {
     "baseline": BASELINE,
     "baseline_fp32": {**BASELINE, "amp": False},  # the textbook form: fp32 even where bf16 is native
+    "baseline_fp32_w128": {**BASELINE, "amp": False, "model": {"n_embd": 128}},  # lr scaled to width
     "l1": {"as_is": True},  # the tiny preset as it stands
     "l1_budget": BUDGET,
     "l1_budget_batch4": {**BUDGET, "batch_size": 4},
@@ -60,6 +61,15 @@ RECIPES = {
     "l1_budget_w128": {**BUDGET, "model": {"n_embd": 128}, "lr": 3.6e-3},
     "l1_budget_w128_batch16": {**BUDGET, "model": {"n_embd": 128}, "lr": 3.6e-3,
                                "batch_size": 16},  # the two largest gains together
+    # The replica's best recipe under the budget: on a CPU its Newton-Schulz iterations cost steps.
+    "l1_budget_muon_qk": {**BUDGET, **MUON_QK},
+    "l1_budget_muon_qk_batch16": {**BUDGET, **MUON_QK, "batch_size": 16},
+    "l1_budget_muon_qk_batch32": {**BUDGET, **MUON_QK, "batch_size": 32},
+    "l1_budget_muon_batch16": {**BUDGET, "optimizer": "muon", "batch_size": 16},  # exports to Llama
+    "l1_budget_muon_batch16_w128": {**BUDGET, "optimizer": "muon", "model": {"n_embd": 128}, "batch_size": 16,
+                                    "lr": 3.6e-3},  # exports to Llama
+    "l1_budget_muon_qk_batch16_w128": {**BUDGET, "optimizer": "muon", "model": {"qk_norm": True, "n_embd": 128},
+                                       "batch_size": 16, "lr": 3.6e-3},
     "high_lr": {**BASELINE, "lr": 4e-3},
     "wsd": {**BASELINE, **WSD},
     "wsd_high_lr": {**BASELINE, "lr": 4e-3, **WSD},
