@@ -68,8 +68,9 @@ RECIPES = {
     "l1_budget_muon_batch16": {**BUDGET, "optimizer": "muon", "batch_size": 16},  # exports to Llama
     "l1_budget_muon_batch16_w128": {**BUDGET, "optimizer": "muon", "model": {"n_embd": 128}, "batch_size": 16,
                                     "lr": 3.6e-3},  # exports to Llama
-    "l1_budget_muon_qk_batch16_w128": {**BUDGET, "optimizer": "muon", "model": {"qk_norm": True, "n_embd": 128},
-                                       "batch_size": 16, "lr": 3.6e-3},
+    # config.merge: a plain {**MUON_QK, "model": ...} would replace MUON_QK's model section, QK-norm with it.
+    "l1_budget_muon_qk_batch16_w128": config.merge({**BUDGET, **MUON_QK},
+                                                   {"model": {"n_embd": 128}, "batch_size": 16, "lr": 3.6e-3}),
     "high_lr": {**BASELINE, "lr": 4e-3},
     "wsd": {**BASELINE, **WSD},
     "wsd_high_lr": {**BASELINE, "lr": 4e-3, **WSD},
