@@ -229,7 +229,8 @@ class TrainConfig:
                 raise L1Error(f"{beta} must be in [0, 1), got {getattr(self, beta)}")
         _require_seed(self.seed)
         if self.optimizer == "muon" and self.fsdp:
-            raise L1Error("--optimizer muon does not work with --fsdp (sharded matrices); use DDP or adamw")
+            raise L1Error(f"optimizer muon (--optimizer, or preset {self.preset}'s) does not work with --fsdp "
+                          "(it needs whole matrices): give --optimizer adamw, or leave out --fsdp to use DDP")
 
     @property
     def context(self) -> int:
@@ -284,10 +285,13 @@ PRESETS: dict[str, dict] = {
         "model": {"vocab_size": 1000, "n_layer": 6, "n_head": 8, "n_embd": 512, "block_size": 512},
         "batch_size": 16, "grad_accum": 4, "lr": 1e-3, "max_steps": 3000,
     },
-    # Learns recognizable English in minutes on 2 CPU cores; micro-batch 8 and WSD won bench.recipe.
+    # Learns recognizable English in minutes on 2 CPU cores. Sized to a 5-minute CPU budget (RECIPE.md,
+    # section 2): 4 x 96 sees ~5 tokens per parameter there (the earlier 4 x 256: 0.4), Muon at
+    # micro-batch 16 spreads its Newton-Schulz iterations over enough tokens, lr by the width rule
+    # (6e-4 x 768 / width).
     "tiny": {
-        "model": {"vocab_size": 4096, "n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256},
-        "batch_size": 8, "grad_accum": 1, "lr": 1.8e-3, "max_steps": 800, "warmup_steps": 80,
+        "model": {"vocab_size": 4096, "n_layer": 4, "n_head": 4, "n_embd": 96, "block_size": 256},
+        "optimizer": "muon", "batch_size": 16, "grad_accum": 1, "lr": 4.8e-3, "max_steps": 800, "warmup_steps": 80,
         "eval_every": 200, "eval_batches": 20,
     },
 }

@@ -46,7 +46,8 @@ def test_model_knob_recipes_change_only_their_knob(replica):
 
 def test_budget_recipe_is_the_tiny_preset_under_the_time_budget():
     """l1_budget is tiny as it stands with --max_minutes (no step count, its own warmup);
-    baseline_fp32 is the baseline with mixed precision off, so it is probed apart."""
+    baseline_fp32 is the baseline with mixed precision off, so it is probed apart, and
+    baseline_fp32_budget the same under the time budget."""
     args = argparse.Namespace(replica=False, data="corpus", data_dir="data", max_docs=0, eval_batches=10, minutes=5.0)
     budget = recipe.run_config("l1_budget", 1, args, 0)
     tiny = recipe.run_config("l1", 1, args, 800)
@@ -55,21 +56,36 @@ def test_budget_recipe_is_the_tiny_preset_under_the_time_budget():
     assert dataclasses.replace(budget, max_minutes=0.0, max_steps=800, warmup_steps=tiny.warmup_steps) == tiny
     fp32 = recipe.run_config("baseline_fp32", 1, args, 100)
     assert fp32.amp is False and recipe.work(fp32) != recipe.work(recipe.run_config("baseline", 1, args, 100))
+    # baseline_fp32_budget: the same recipe, its cosine fitted to the clock instead of a probed step count.
+    timed = recipe.run_config("baseline_fp32_budget", 1, args, 0)
+    assert (timed.max_minutes, timed.max_steps, timed.warmup_steps) == (5.0, 0, 30)
+    assert dataclasses.replace(timed, max_minutes=0.0, max_steps=300) == recipe.run_config("baseline_fp32", 1, args, 300)
 
 
 def test_second_round_recipes_change_what_they_name():
     """warmup_short warms up over 2% of the steps instead of 10%, and nothing else; the budget
-    variants are l1_budget but for their batch, warmup, width or lr."""
+    variants are the earlier tiny preset under the budget (l1_budget_v1) but for their batch,
+    warmup, width, optimizer or lr; a recipe that names its lr keeps it over the width rule."""
     args = argparse.Namespace(replica=True, data="corpus", data_dir="data", max_docs=0, eval_batches=10, minutes=5.0)
     base = recipe.run_config("baseline", 1, args, 1000)
     short = recipe.run_config("warmup_short", 1, args, 1000)
     assert (base.warmup_steps, short.warmup_steps) == (100, 20)
     assert dataclasses.replace(short, warmup_steps=100) == base
+    assert base.optimizer == "adamw" and recipe.run_config("high_lr", 1, args, 1000).lr == 4e-3
     args.replica = False
-    budget = recipe.run_config("l1_budget", 1, args, 0)
+    v1 = recipe.run_config("l1_budget_v1", 1, args, 0)
+    assert (v1.model.n_embd, v1.optimizer, v1.batch_size, v1.lr) == (256, "adamw", 8, 1.8e-3)
+    w128 = dataclasses.replace(v1.model, n_embd=128)
     for name, change in [("l1_budget_batch4", {"batch_size": 4}), ("l1_budget_batch16", {"batch_size": 16}),
                          ("l1_budget_lr_x1.5", {"lr": 2.7e-3}), ("l1_budget_warmup250", {"warmup_steps": 250}),
-                         ("l1_budget_w128", {"lr": 3.6e-3, "model": dataclasses.replace(budget.model, n_embd=128)}),
-                         ("l1_budget_w128_batch16", {"lr": 3.6e-3, "batch_size": 16,
-                                                     "model": dataclasses.replace(budget.model, n_embd=128)})]:
-        assert recipe.run_config(name, 1, args, 0) == dataclasses.replace(budget, **change)
+                         ("l1_budget_w128", {"lr": 3.6e-3, "model": w128}),
+                         ("l1_budget_w128_batch16", {"lr": 3.6e-3, "batch_size": 16, "model": w128}),
+                         ("l1_budget_muon_batch16_w128", {"lr": 3.6e-3, "batch_size": 16, "model": w128,
+                                                          "optimizer": "muon"}),
+                         ("l1_budget_muon_qk_batch16_w128", {"lr": 3.6e-3, "batch_size": 16, "optimizer": "muon",
+                                                             "model": dataclasses.replace(w128, qk_norm=True)})]:
+        assert recipe.run_config(name, 1, args, 0) == dataclasses.replace(v1, **change), name
+    # The tiny preset today is the budget study's measured winner, and the baseline is not moved by it.
+    assert recipe.run_config("l1_budget", 1, args, 0) == recipe.run_config("l1_budget_muon_batch16_w96", 1, args, 0)
+    fp32 = recipe.run_config("baseline_fp32", 1, args, 100)
+    assert (fp32.model.n_embd, fp32.optimizer, fp32.batch_size, fp32.lr) == (256, "adamw", 16, 1.8e-3)

@@ -60,6 +60,12 @@ def test_presets_have_the_promised_shapes():
         (12, 16, 1024, 20000, 1024)
     legacy = config.resolve({"preset": "l1-v1"}).model
     assert (legacy.n_layer, legacy.n_head, legacy.n_embd, legacy.vocab_size) == (6, 8, 512, 1000)
+    tiny = config.resolve({"preset": "tiny"})
+    assert (tiny.model.n_layer, tiny.model.n_embd, tiny.optimizer, tiny.batch_size) == (4, 96, "muon", 16)
+    # Muon needs whole matrices: the tiny preset under FSDP2 is refused, with AdamW it is not.
+    with pytest.raises(L1Error, match="optimizer muon .*preset tiny's.* give --optimizer adamw"):
+        config.resolve({"preset": "tiny", "fsdp": True})
+    assert config.resolve({"preset": "tiny", "fsdp": True, "optimizer": "adamw"}).fsdp
 
 
 def test_every_field_has_a_flag_with_help():
@@ -80,7 +86,8 @@ def test_precedence_preset_then_stored_then_file_then_flags():
     stored = {"preset": "tiny", "lr": 0.1, "batch_size": 3, "model": {"n_layer": 3}}
     file_values = {"lr": 0.2, "model": {"n_head": 2}}
     cfg = config.resolve({"lr": 0.3}, stored, file_values)
-    assert (cfg.lr, cfg.batch_size, cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (0.3, 3, 3, 2, 256)
+    assert (cfg.lr, cfg.batch_size, cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == \
+        (0.3, 3, 3, 2, config.PRESETS["tiny"]["model"]["n_embd"])
 
 
 def test_model_knobs_have_flags_and_an_old_config_json_takes_their_defaults(tmp_path):

@@ -176,7 +176,7 @@ def test_compiled_training_step_matches_eager(knobs):
 
 def test_preset_parameter_counts():
     counts = {name: GPT(resolve({"preset": name}).model).num_params() for name in ("l1-gpu-compatible", "l1-v1", "tiny")}
-    assert counts == {"l1-gpu-compatible": 155_804_672, "l1-v1": 20_978_176, "tiny": 4_458_752}
+    assert counts == {"l1-gpu-compatible": 155_804_672, "l1-v1": 20_978_176, "tiny": 836_448}
 
 
 KNOBS = [dict(tie_embeddings=tie, mlp=mlp, qk_norm=qk, intermediate_size=hidden, logit_softcap=cap)

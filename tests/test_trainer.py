@@ -101,7 +101,8 @@ def test_best_checkpoint_has_the_lowest_validation_loss(corpus, tmp_path):
     assert best["best_val_loss"] == pytest.approx(best_eval["val_loss"])
 
 
-@pytest.mark.parametrize("recipe, flags", [({}, []), ({"optimizer": "muon", "schedule": "wsd"}, []),
+@pytest.mark.parametrize("recipe, flags", [({"optimizer": "adamw", "schedule": "cosine"}, []),
+                                           ({"optimizer": "muon", "schedule": "wsd"}, []),
                                            ({"mlp": "relu2", "logit_softcap": 15.0}, ["--no-tie_embeddings"])],
                          ids=["adamw-cosine", "muon-wsd", "untied-relu2-softcap"])
 def test_resume_is_bitwise_exact_across_an_epoch_boundary(corpus, tmp_path, monkeypatch, recipe, flags):
