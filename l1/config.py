@@ -286,7 +286,7 @@ PRESETS: dict[str, dict] = {
         "batch_size": 16, "grad_accum": 4, "lr": 1e-3, "max_steps": 3000,
     },
     # Learns recognizable English in minutes on 2 CPU cores. Sized to a 5-minute CPU budget (RECIPE.md,
-    # section 2): 4 x 96 sees ~5 tokens per parameter there (the earlier 4 x 256: 0.4), Muon at
+    # section 2): 4 x 96 sees ~7 tokens per parameter there (the earlier 4 x 256: 0.4), Muon at
     # micro-batch 16 spreads its Newton-Schulz iterations over enough tokens, lr by the width rule
     # (6e-4 x 768 / width).
     "tiny": {
