@@ -61,7 +61,11 @@ def budget_v1(*changes: dict) -> dict:
     return recipe
 
 
-W128 = {"model": {"n_embd": 128}, "lr": 3.6e-3}  # 4 x 128, lr by the baseline's width rule (6e-4 x 768/128)
+# Narrower models, each at the lr of the baseline's width rule (6e-4 x 768 / width).
+W128 = {"model": {"n_embd": 128}, "lr": 3.6e-3}
+W96 = {"model": {"n_embd": 96}, "lr": 4.8e-3}
+W64 = {"model": {"n_embd": 64}, "lr": 7.2e-3}
+MUON16 = {"optimizer": "muon", "batch_size": 16}  # Muon at a micro-batch that carries its iterations
 RECIPES = {
     "baseline": BASELINE,
     "baseline_fp32": {**BASELINE, "amp": False},  # the textbook form: fp32 even where bf16 is native
@@ -84,22 +88,18 @@ RECIPES = {
     "l1_budget_muon_qk": budget_v1(MUON_QK),
     "l1_budget_muon_qk_batch16": budget_v1(MUON_QK, {"batch_size": 16}),
     "l1_budget_muon_qk_batch32": budget_v1(MUON_QK, {"batch_size": 32}),
-    "l1_budget_muon_batch16": budget_v1({"optimizer": "muon", "batch_size": 16}),  # exports to Llama
-    "l1_budget_muon_batch16_w128": budget_v1(W128, {"optimizer": "muon", "batch_size": 16}),  # exports to Llama
+    "l1_budget_muon_batch16": budget_v1(MUON16),  # exports to Llama
+    "l1_budget_muon_batch16_w128": budget_v1(W128, MUON16),  # exports to Llama
     "l1_budget_muon_qk_batch16_w128": budget_v1(MUON_QK, W128, {"batch_size": 16}),
     # Around the candidate above: micro-batch 8 (Muon's iterations cost less at width 128), 1.5x its lr,
     # and a narrower model still (4 x 96, lr by the width rule).
     "l1_budget_muon_w128": budget_v1(W128, {"optimizer": "muon"}),
-    "l1_budget_muon_batch16_w128_lr_x1.5": budget_v1(W128, {"optimizer": "muon", "batch_size": 16, "lr": 5.4e-3}),
-    "l1_budget_muon_batch16_w96": budget_v1({"optimizer": "muon", "model": {"n_embd": 96}, "batch_size": 16,
-                                             "lr": 4.8e-3}),
+    "l1_budget_muon_batch16_w128_lr_x1.5": budget_v1(W128, MUON16, {"lr": 5.4e-3}),
+    "l1_budget_muon_batch16_w96": budget_v1(W96, MUON16),  # adopted as the tiny preset
     # The two gains above pushed further: 4 x 96 at 1.5x and 2x its width-rule lr, and 4 x 64.
-    "l1_budget_muon_batch16_w96_lr_x1.5": budget_v1({"optimizer": "muon", "model": {"n_embd": 96},
-                                                     "batch_size": 16, "lr": 7.2e-3}),
-    "l1_budget_muon_batch16_w96_lr_x2": budget_v1({"optimizer": "muon", "model": {"n_embd": 96},
-                                                   "batch_size": 16, "lr": 9.6e-3}),
-    "l1_budget_muon_batch16_w64": budget_v1({"optimizer": "muon", "model": {"n_embd": 64}, "batch_size": 16,
-                                             "lr": 7.2e-3}),
+    "l1_budget_muon_batch16_w96_lr_x1.5": budget_v1(W96, MUON16, {"lr": 7.2e-3}),
+    "l1_budget_muon_batch16_w96_lr_x2": budget_v1(W96, MUON16, {"lr": 9.6e-3}),
+    "l1_budget_muon_batch16_w64": budget_v1(W64, MUON16),
     "high_lr": {**BASELINE, "lr": 4e-3},
     "wsd": {**BASELINE, **WSD},
     "wsd_high_lr": {**BASELINE, "lr": 4e-3, **WSD},
