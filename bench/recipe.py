@@ -162,6 +162,15 @@ RECIPES = {
     # The larger the model on the same data, the more it may need regularizing.
     "wsd_w384_wd1": {**BASELINE, **WSD, "model": {"n_embd": 384}, "weight_decay": 1.0},
     "wsd_w768_wd1": {**BASELINE, **WSD, "model": {"n_embd": 768}, "weight_decay": 1.0},
+    # A fourth round. The context at equal tokens per step (1,024): shorter or longer sequences, fewer
+    # or more of them. And the ceiling at equal tokens: the best recipe on the best-measured size.
+    "wsd_ctx64": {**BASELINE, **WSD, "model": {"block_size": 64}, "batch_size": 16},
+    "wsd_ctx256": {**BASELINE, **WSD, "model": {"block_size": 256}, "batch_size": 4},
+    "wsd_ctx512": {**BASELINE, **WSD, "model": {"block_size": 512}, "batch_size": 2},
+    "muon_qk_wsd_w384_wd1": config.merge({**BASELINE, **MUON_QK, **WSD}, {"model": {"n_embd": 384},
+                                                                          "weight_decay": 1.0}),
+    "muon_qk_wsd_w768_wd1": config.merge({**BASELINE, **MUON_QK, **WSD}, {"model": {"n_embd": 768},
+                                                                          "weight_decay": 1.0}),
 }
 TEXTBOOK_LR = 6e-4 * 768  # GPT-3 small's lr at width 768, scaled as 1/width
 # Every recipe but the presets as they stand trains the earlier tiny model (4 x 256) at the classic

@@ -89,3 +89,21 @@ def test_second_round_recipes_change_what_they_name():
     assert recipe.run_config("l1_budget", 1, args, 0) == recipe.run_config("l1_budget_muon_batch16_w96", 1, args, 0)
     fp32 = recipe.run_config("baseline_fp32", 1, args, 100)
     assert (fp32.model.n_embd, fp32.optimizer, fp32.batch_size, fp32.lr) == (256, "adamw", 16, 1.8e-3)
+
+
+def test_fourth_round_recipes_change_what_they_name():
+    """The context recipes keep the replica's 1,024 tokens a step (equal tokens, the same steps) and
+    change only the context and the micro-batch; the ceiling recipes are Muon + QK-norm + WSD but for
+    the width (lr by the width rule) and weight decay 1.0."""
+    args = argparse.Namespace(replica=True, data="corpus", data_dir="data", max_docs=0, eval_batches=10)
+    wsd = recipe.run_config("l1_wsd", 1, args, 1000)
+    for name, context, batch in [("wsd_ctx64", 64, 16), ("wsd_ctx256", 256, 4), ("wsd_ctx512", 512, 2)]:
+        cfg = recipe.run_config(name, 1, args, 1000)
+        assert (cfg.context, cfg.batch_size, cfg.context * cfg.batch_size) == (context, batch, 1024)
+        assert dataclasses.replace(cfg, batch_size=8, model=dataclasses.replace(cfg.model, block_size=128)) == wsd
+    muon = recipe.run_config("muon_qk_wsd", 1, args, 1000)
+    for name, width in [("muon_qk_wsd_w384_wd1", 384), ("muon_qk_wsd_w768_wd1", 768)]:
+        cfg = recipe.run_config(name, 1, args, 1000)
+        assert cfg.model.qk_norm and cfg.optimizer == "muon"
+        assert cfg == dataclasses.replace(muon, lr=recipe.TEXTBOOK_LR / width, weight_decay=1.0,
+                                          model=dataclasses.replace(muon.model, n_embd=width))
