@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 import shutil
 import sys
@@ -191,11 +192,14 @@ def fit_global_batch(largest_micro: int, sequences_per_step: int) -> tuple[int, 
     return batch, sequences_per_step // batch
 
 
+@functools.cache
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3, windows: int = 6) -> float:
     """Measured FLOP/s of a large square matmul on this device: the roofline MFU is quoted against.
 
     The best of several short windows: a neighbour that takes the cores for a moment (a shared
-    machine, another job starting) slows some windows, not the machine's peak.
+    machine, another job starting) slows some windows, not the machine's peak. Measured once per
+    process and device and dtype: every run a process trains (bench.recipe's dozens, the tests')
+    quotes the same roofline and does not pay 0.4 s to re-measure it.
     """
     n = 2048 if device.type == "cuda" else 1024
     # Its own generator: a start-up measurement must not advance the global RNG a resume restored.
