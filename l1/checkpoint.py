@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -150,6 +151,73 @@ def load_file(path: Path, map_location="cpu") -> dict:
     if _digest(state) != expected:
         raise CheckpointError(f"{path} is corrupt: its checksum does not match its contents")
     return state
+
+
+def content_problem(state: dict, training: bool = True) -> str | None:
+    """Why a checkpoint cannot be trusted by its content, or None: a checksum proves only that the
+    file is as written, and a tool or a hand edit can seal anything. Checked: the entries a model
+    needs (weights that fit their own model_config, a step, a tokenizer fingerprint), and with
+    training=True those a resume needs (counters in range, a config, a data position, optimizer
+    state that fits the weights and the optimizer named in the config)."""
+    weights, model_cfg = state.get("model"), state.get("model_config")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        return "it holds no model weights"
+    if not isinstance(model_cfg, dict) or not isinstance(state.get("tokenizer_fingerprint"), str):
+        return "it has no model_config or tokenizer fingerprint"
+    if not _whole(state.get("step")):
+        return f"its step {state.get('step')!r} is not a whole number >= 0"
+    try:
+        cfg = model_config_from_dict(model_cfg, origin="its model_config")
+    except L1Error as exc:
+        return str(exc)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    params = dict(model.named_parameters())  # before the load: assign would untie a tied head
+    try:
+        model.load_state_dict(weights, assign=True)  # checks names and shapes; copies nothing
+    except RuntimeError as exc:  # missing, unexpected or misshapen weights
+        return f"its weights do not fit its model_config ({str(exc).strip().splitlines()[-1].strip()[:200]})"
+    if not training:
+        return None
+    for key in ("epoch", "tokens_seen", "evals_since_best"):
+        if not _whole(state.get(key, 0)):
+            return f"its {key} {state.get(key)!r} is not a whole number >= 0"
+    seconds = state.get("train_seconds", 0.0)
+    if not (isinstance(seconds, (int, float)) and 0 <= seconds < float("inf")):
+        return f"its train_seconds {seconds!r} is not a finite number >= 0"
+    if not isinstance(state.get("best_val_loss"), float) or state["best_val_loss"] != state["best_val_loss"]:
+        return f"its best_val_loss {state.get('best_val_loss')!r} is not a number"
+    for key in ("train_config", "data_state", "rng", "scaler", "optimizer"):
+        if not isinstance(state.get(key), dict):
+            return f"it has no {key}"
+    return _optimizer_problem(state["optimizer"], params,
+                              state["train_config"].get("optimizer", "adamw"))
+
+
+def _whole(value) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _optimizer_problem(optimizer: dict, params: dict, kind: str) -> str | None:
+    """Why optimizer state (by parameter name) does not fit the weights or the optimizer `kind`."""
+    groups, per_param = optimizer.get("param_groups"), optimizer.get("state")
+    if not isinstance(groups, list) or not isinstance(per_param, dict) \
+            or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        return "its optimizer state has no parameter groups"
+    named = [name for g in groups for name in g["params"]]
+    if sorted(named) != sorted(params):
+        return "its optimizer state names other parameters than its weights"
+    muon = any("ns_steps" in g for g in groups)  # Muon's groups carry its Newton-Schulz settings
+    if muon != (kind == "muon"):
+        return f"its optimizer state is {'Muon' if muon else 'AdamW'}'s, but its config says {kind}"
+    for name, entry in per_param.items():
+        if name not in params or not isinstance(entry, dict):
+            return f"its optimizer state has an entry for {name!r}, which is no parameter"
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[name].shape:
+                return f"its optimizer state {name}.{key} has shape {tuple(value.shape)}, not the weight's " \
+                       f"{tuple(params[name].shape)}"
+    return None
 
 
 def peek(path: Path) -> dict | None:
@@ -460,15 +528,16 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def find_for_inference(model_path: str | None, models_root: Path = Path("models")) -> Path:
-    """The checkpoint file to sample from: a file as given, or a run folder's best else latest.
+def find_for_inference(model_path: str | None, models_root: Path = Path("models")) -> list[Path]:
+    """The checkpoint files to sample from, in the order to try them: a file as given (alone), or a
+    run folder's best, latest, then rolling newest first (the next is used where one is damaged).
 
     Without a path, the most recently trained run under models_root is used.
     """
     if model_path:
         path = Path(model_path)
         if path.is_file():
-            return path
+            return [path]
         if not path.is_dir():
             raise CheckpointError(f"--model_path {path} does not exist (expected a run folder or a .pt file)")
         runs = [path]
@@ -476,12 +545,10 @@ def find_for_inference(model_path: str | None, models_root: Path = Path("models"
         runs = [d for d in Path(models_root).glob("*") if d.is_dir()] if Path(models_root).is_dir() else []
         runs.sort(key=lambda d: max((f.stat().st_mtime for f in d.glob("*.pt")), default=0.0), reverse=True)
     for run in runs:
-        for name in (BEST, LATEST):
-            if (run / name).is_file():
-                return run / name
-        rolling = CheckpointManager(run, keep=1).rolling()
-        if rolling:
-            return rolling[-1]
+        manager = CheckpointManager(run, keep=1)
+        found = [p for p in (manager.best, manager.latest, *reversed(manager.rolling())) if p.is_file()]
+        if found:
+            return found
     where = model_path or f"{models_root}/*/"
     raise CheckpointError(f"no checkpoint found in {where} (looked for {BEST}, {LATEST}, "
                           "checkpoint_epoch_E_step_S.pt); train one with train_gpu_compatible.py "
@@ -503,35 +570,34 @@ class LoadedRun:
     def step(self) -> int:
         return int(self.state.get("step", 0))
 
-    def check_weights(self) -> None:
-        """Refuse weights that do not fit the model_config they claim (names and shapes), in one
-        line, without allocating the model (built on the meta device)."""
-        with torch.device("meta"):
-            model = GPT(self.model_config)
-        try:
-            model.load_state_dict(self.state["model"], assign=True)  # checks names and shapes; copies nothing
-        except RuntimeError as exc:  # missing, unexpected or misshapen weights
-            first = str(exc).strip().splitlines()[-1].strip()[:200]
-            raise CheckpointError(f"{self.path}: its weights do not fit its model_config ({first})") from None
-
     def model(self) -> GPT:
         """The GPT with the checkpoint's weights, on the CPU, in fp32 as trained."""
-        self.check_weights()
         model = GPT(self.model_config)
         model.load_state_dict(self.state["model"])
         return model
 
 
-def load_run(model_path: str | None, models_root: Path = Path("models")) -> LoadedRun:
-    """The one loader of a trained run for every tool (sampler, export): a checkpoint file, or a
-    run folder's best else latest, or the newest run under models_root; verified, with the
-    tokenizer.json beside it, which must be the one the model was trained with."""
-    path = find_for_inference(model_path, models_root)
-    state = load_file(path)
-    if not isinstance(state.get("model"), dict) or "model_config" not in state \
-            or "tokenizer_fingerprint" not in state:
-        raise CheckpointError(f"{path} has no model weights, model_config or tokenizer fingerprint: "
-                              "not an L1 model checkpoint")
+def load_run(model_path: str | None, models_root: Path = Path("models"),
+             log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> LoadedRun:
+    """The one loader of a trained run for every tool (sampler, eval, export): a checkpoint file, or
+    a run folder's best else latest, or the newest run under models_root; verified by checksum and
+    by content, with the tokenizer.json beside it, which must be the one the model was trained
+    with. A damaged checkpoint of a run folder is skipped for the next intact one, saying so."""
+    paths = find_for_inference(model_path, models_root)
+    for i, path in enumerate(paths):
+        try:
+            state = load_file(path)
+            damage = content_problem(state, training=False)
+            if damage:
+                raise CheckpointError(f"{path} is damaged: {damage}")
+        except CheckpointError as exc:
+            if i + 1 == len(paths):
+                if len(paths) > 1:
+                    raise CheckpointError(f"no intact checkpoint in {path.parent} (the last tried: {exc})") from None
+                raise
+            log(f"skipping {path.name}: {exc}; trying {paths[i + 1].name}")
+            continue
+        break
     cfg = model_config_from_dict(state["model_config"], origin=str(path))
     tokenizer_path = path.parent / "tokenizer.json"
     tokenizer = Tokenizer.load(tokenizer_path)

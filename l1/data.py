@@ -79,6 +79,13 @@ class PreparedData:
         """UTF-8 bytes of text per token: turns a loss in nats/token into bits per byte."""
         return self.meta["splits"][split]["bytes_per_token"]
 
+    @property
+    def digest(self) -> str:
+        """A hash of the token ids of both splits (from the shards' checksums): equal digests, the
+        same tokens and the same split, wherever the folder lies and whatever its name."""
+        shards = [[split, s["tokens"], s["sha256"]] for split in SPLITS for s in self.meta["splits"][split]["shards"]]
+        return hashlib.sha256(json.dumps([self.meta["dtype"], shards]).encode()).hexdigest()[:16]
+
 
 class Tokens:
     """Shard files seen as one flat array of token ids: len() and slices tokens[a:b] (what
@@ -480,8 +487,9 @@ def _intact(shard: tuple[Path, int, str]) -> bool:
     return path.is_file() and path.stat().st_size == size and _sha256(path) == sha256
 
 
-def _verified(folder: Path, identity: dict) -> dict:
-    """meta.json of a finished folder, once every shard matches its size and checksum."""
+def _verified(folder: Path, identity: dict | None = None) -> dict:
+    """meta.json of a finished folder, once every shard matches its size and checksum (and, given
+    the identity its name was made from, once meta.json agrees with it)."""
     def damaged(why: str) -> L1Error:
         return L1Error(f"prepared corpus {folder} is damaged ({why}); delete the folder and run again to prepare it anew")
 
@@ -492,7 +500,7 @@ def _verified(folder: Path, identity: dict) -> dict:
                   for split in SPLITS for s in meta["splits"][split]["shards"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise damaged(f"meta.json: {exc}") from None
-    if any(meta.get(k) != v for k, v in identity.items()):
+    if identity and any(meta.get(k) != v for k, v in identity.items()):
         raise damaged("meta.json does not match the folder's name")
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         bad = [s[0].name for s, ok in zip(shards, pool.map(_intact, shards)) if not ok]
@@ -574,6 +582,17 @@ def prepare(cfg: DataConfig, vocab_size: int, seed: int, log=print) -> PreparedD
     except OSError as exc:
         raise _write_error(exc, data_dir) from None
     return PreparedData(folder, meta, tokenizer)
+
+
+def open_prepared(folder: Path, log=print) -> PreparedData:
+    """A prepared folder by its path, verified, without its source: how a run resumes on the corpus
+    it started with (the source may have changed or gone since)."""
+    started = time.perf_counter()
+    meta = _verified(folder)
+    data = PreparedData(folder, meta, Tokenizer.load(folder / "tokenizer.json"))
+    log(f"reusing the run's prepared corpus {folder} ({meta['splits']['train']['tokens']:,} train / "
+        f"{meta['splits']['val']['tokens']:,} val tokens, verified in {time.perf_counter() - started:.1f}s)")
+    return data
 
 
 def _progress(work: Path, identity: dict) -> dict | None:
@@ -768,15 +787,24 @@ class BatchIterator:
         """The position: the epoch and the windows of it consumed so far (plain ints)."""
         return {"epoch": self.epoch, "index": self.index}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where an iterator over the same tokens and seed left off."""
-        epoch, index = int(state["epoch"]), int(state["index"])
+    def position_problem(self, state) -> str | None:
+        """Why `state` is no position of this iterator (wrong types, out of range), or None."""
+        if not isinstance(state, dict) or not all(type(state.get(k)) is int for k in ("epoch", "index")):
+            return f"its data position {state!r} is not two whole numbers (epoch, index)"
+        epoch, index = state["epoch"], state["index"]
         windows = self._count(self._offset(max(epoch, 0)))
         if epoch < 0 or not 0 <= index <= windows:
-            raise L1Error(f"data position epoch {epoch}, window {index} does not fit this training split "
-                          f"({windows} windows of {self.seq_len} tokens)")
+            return (f"its data position epoch {epoch}, window {index} does not fit this training split "
+                    f"({windows} windows of {self.seq_len} tokens)")
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where an iterator over the same tokens and seed left off."""
+        problem = self.position_problem(state)
+        if problem:
+            raise L1Error(problem)
         self._order = None
-        self._seek(epoch, index)
+        self._seek(state["epoch"], state["index"])
 
 
 def eval_batches(tokens, seq_len: int, batch_size: int, max_batches: int,

@@ -39,10 +39,9 @@ def export(run_or_checkpoint: str, out_dir: str, force: bool = False) -> Path:
     _require_libraries()
     source = _checkpoint_path(Path(run_or_checkpoint))
     out = _check_out_dir(Path(out_dir), source.parent, force)
-    run = checkpoint.load_run(str(source))
+    run = checkpoint.load_run(str(run_or_checkpoint))  # a damaged best: the newest intact checkpoint
     cfg, tokenizer = run.model_config, run.tokenizer
-    require_llama(cfg, str(source))
-    run.check_weights()
+    require_llama(cfg, str(run.path))
     weights = {name: t.float() for name, t in run.state["model"].items()}
     hf_cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size, pad_vocab_to=1)  # unpadded
     target = out.resolve()  # a name to build a sibling from, even for "."
@@ -73,7 +72,7 @@ def _checkpoint_path(path: Path) -> Path:
     if not path.exists():
         raise L1Error(f"{path} does not exist (expected a run folder or a checkpoint file)")
     try:
-        return checkpoint.find_for_inference(str(path))
+        return checkpoint.find_for_inference(str(path))[0]
     except checkpoint.CheckpointError:
         raise L1Error(f"no checkpoint in {path} (looked for {checkpoint.BEST}, {checkpoint.LATEST} and "
                       "checkpoint_epoch_E_step_S.pt)") from None

@@ -522,9 +522,11 @@ def optimizer_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimiz
 
 
 def load_states(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], model_sd: dict,
-                optim_sd: dict) -> None:
-    """Restore full model and optimizer states into a (possibly wrapped or sharded) model."""
+                optim_sd: dict | None) -> None:
+    """Restore full model and optimizer states into a (possibly wrapped or sharded) model; with
+    optim_sd None, the weights only (the optimizers keep their fresh state)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     set_model_state_dict(model, model_sd, options=_state_options())
-    set_optimizer_state_dict(model, optimizers, optim_sd, options=_state_options())
+    if optim_sd is not None:
+        set_optimizer_state_dict(model, optimizers, optim_sd, options=_state_options())

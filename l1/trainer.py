@@ -10,8 +10,10 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import logging.handlers
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -21,17 +23,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from l1 import checkpoint, config, plot, runtime
+from l1 import checkpoint, config, identity, plot, runtime
 from l1.checkpoint import CheckpointManager
 from l1.config import ModelConfig, TrainConfig
-from l1.data import BatchIterator, PreparedData, eval_batches, prepare
+from l1.data import BatchIterator, PreparedData, eval_batches, open_prepared, prepare
 from l1.errors import L1Error
 from l1.model import GPT
 from l1.optim import Muon
+from l1.tokenizer import Tokenizer
 
 TRAINING_ARGS = "training_args.json"
 ASSUMED_CPU_MFU = 0.4  # for the "how long would this take here" estimate only
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # loss.png is optional
+LOG_FORMAT = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
 
 
 # ---- configuration of a run ---------------------------------------------------------------------
@@ -39,48 +43,73 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # loss.png 
 def configure(overrides: dict, file_values: dict | None = None, fresh: bool = False) -> TrainConfig:
     """The run's config: a resumed run keeps its stored training_args.json unless a flag overrides it.
 
-    With fresh=True an existing run folder is moved aside (never deleted) and the run starts over.
+    Every check that can refuse runs here, before anything is written: a resume may change how the
+    run trains but not its identity (l1/identity.py). A folder without a checkpoint holds no run to
+    resume: the command's own settings start a new one there. With fresh=True an existing run
+    folder is moved aside (never deleted), once the new run's config is known to be valid.
     """
     file_values = file_values or {}
     preset = overrides.get("preset") or file_values.get("preset") or TrainConfig.preset
     out = Path(overrides.get("out") or file_values.get("out") or f"models/{preset}")
-    stored_path = out / TRAINING_ARGS
-    if fresh and out.exists() and any(out.iterdir()):
-        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        with checkpoint.RunLock(out):  # never move a folder that another trainer is writing
-            out.rename(aside)
-        print(f"--fresh: moved the previous run to {aside}")
+    resumed = None if fresh else _resumable(out)
     stored = None
-    if stored_path.is_file():
-        stored = config.load_json(stored_path)
-        _check_config_json(out / "config.json", stored.get("model", {}))
-    elif out.is_dir():
-        stored = _stored_in_checkpoint(out)
+    if resumed:
+        stored_path = out / TRAINING_ARGS
+        if stored_path.is_file():
+            stored = config.load_json(stored_path)
+            _check_config_json(out / "config.json", stored.get("model", {}))
+        else:
+            print(f"{stored_path} is missing: resuming with the configuration stored in {resumed[0].name}")
+            stored = resumed[1]["train_config"]
+    elif not fresh and (out / TRAINING_ARGS).is_file():
+        print(f"{out} holds no checkpoint: starting a new run there with this command's settings")
     asked = overrides.get("preset") or file_values.get("preset")
     if stored and asked and asked != stored.get("preset"):
         raise L1Error(f"{out} is a run of preset {stored.get('preset')!r}; --preset {asked} would relabel it "
                       "without changing the model: leave --preset out to resume, or train a new run with "
                       "another --out (or --fresh)")
     cfg = config.resolve(overrides, stored, file_values)
-    if stored:  # a cheap look at the newest step: refuse before anything is written
-        _check_max_steps(cfg, (checkpoint.peek(out / checkpoint.LATEST) or {}).get("step", 0))
+    cfg = dataclasses.replace(cfg, data=identity.absolute(cfg.data))
+    if resumed:
+        _check_identity(cfg, out, resumed[1])
+        _check_max_steps(cfg, resumed[1].get("step", 0))
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise L1Error("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if fresh and out.exists() and any(out.iterdir()):
+        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        with checkpoint.RunLock(out):  # never move a folder that another trainer is writing
+            out.rename(aside)
+        print(f"--fresh: moved the previous run to {aside}")
     return cfg
 
 
-def _stored_in_checkpoint(run_dir: Path) -> dict | None:
-    """The training config kept inside the newest intact checkpoint, for a run folder whose
-    training_args.json was deleted: resuming must not fall back to the defaults (the hub corpus)."""
+def _resumable(run_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint file of the run folder with the plain values it holds (a cheap look,
+    not verified: the full load comes later and checks again), or None for a folder with none."""
     for path in CheckpointManager(run_dir, keep=1).candidates():
-        try:
-            stored = checkpoint.load_file(path).get("train_config")
-        except checkpoint.CheckpointError:
-            continue
-        if isinstance(stored, dict):
-            print(f"{run_dir / TRAINING_ARGS} is missing: resuming with the configuration stored in {path.name}")
-            return stored
+        state = checkpoint.peek(path)
+        if state and isinstance(state.get("train_config"), dict):
+            return path, state
     return None
+
+
+def _check_identity(cfg: TrainConfig, run_dir: Path, state: dict) -> None:
+    """Refuse, in one line, a resume that would change what the run trains on (l1/identity.py).
+    The checkpoint's own config is the reference, so a hand-edited training_args.json is caught too."""
+    try:
+        stored = config.from_dict(state["train_config"], origin=f"the checkpoint of {run_dir}")
+    except L1Error:
+        return  # a damaged checkpoint: the full load skips it, or refuses the resume
+    stored = dataclasses.replace(stored, data=identity.absolute(stored.data))
+    changes = identity.differences(stored, cfg)
+    if changes:
+        raise L1Error(identity.refusal(run_dir, changes))
+    if cfg.data.tokenizer:
+        given = Tokenizer.load(cfg.data.tokenizer)
+        if given.fingerprint != state.get("tokenizer_fingerprint"):
+            raise L1Error(f"--tokenizer {cfg.data.tokenizer} (fingerprint {given.fingerprint}) is not the tokenizer "
+                          f"of the run in {run_dir} ({state.get('tokenizer_fingerprint')}): leave --tokenizer out "
+                          "to resume; to train with it, start a new run (another --out) or start over with --fresh")
 
 
 def _check_max_steps(cfg: TrainConfig, step: int) -> None:
@@ -183,7 +212,9 @@ class _TqdmHandler(logging.Handler):
 
 
 def _make_logger(run_dir: Path, writes: bool) -> logging.Logger:
-    """training.log plus the console; silent on all but the main rank of a distributed run."""
+    """The console now, and training.log once the run starts (_start_log_file): the set-up's lines
+    wait in memory till then, so a command refused during set-up leaves the run folder untouched.
+    Silent on all but the main rank of a distributed run."""
     logger = logging.getLogger(f"l1.train.{run_dir.resolve()}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -193,13 +224,23 @@ def _make_logger(run_dir: Path, writes: bool) -> logging.Logger:
     if not writes:
         logger.addHandler(logging.NullHandler())
         return logger
-    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    file_handler = _LogFile(run_dir / "training.log", encoding="utf-8")  # flushes every line
     console = _TqdmHandler()
-    for handler in (file_handler, console):
-        handler.setFormatter(fmt)
-        logger.addHandler(handler)
+    console.setFormatter(LOG_FORMAT)
+    logger.addHandler(console)
+    logger.addHandler(logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1))
     return logger
+
+
+def _start_log_file(logger: logging.Logger, run_dir: Path) -> None:
+    """Open training.log (appending) and write the lines the set-up held back into it first."""
+    for held in [h for h in logger.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        file_handler = _LogFile(run_dir / "training.log", encoding="utf-8")  # flushes every line
+        file_handler.setFormatter(LOG_FORMAT)
+        held.setTarget(file_handler)
+        held.flush()
+        logger.removeHandler(held)
+        held.close()
+        logger.addHandler(file_handler)
 
 
 class _Metrics:
@@ -277,26 +318,35 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) the run in cfg.run_dir until max_steps, its time budget (max_minutes), early
     stopping or a stop signal.
 
-    The set-up, in order: device and precision (runtime.setup), the run folder and its log, the
-    prepared corpus, the micro-batch size (--batch_size auto), then the run itself.
+    The set-up, in order: device and precision (runtime.setup), the run folder's lock, the prepared
+    corpus, the micro-batch size (--batch_size auto), then the run itself. Every check that can
+    refuse runs before the run writes its first file; a folder this command created for a run that
+    never started is removed again.
     """
     rt = runtime.setup(cfg.device, cfg.amp, cfg.deterministic)
     if cfg.batch_size == 0 and rt.device.type != "cuda":
         raise L1Error("--batch_size auto probes GPU memory and needs CUDA; give a number instead")
-    lock = None
+    lock, created, started = None, not cfg.run_dir.exists(), False
     try:
         writes_files = rt.dist.is_main  # only the main rank writes files
         if writes_files:
             lock = _lock_run_dir(cfg.run_dir)
         runtime.barrier(rt.dist)
         logger = _make_logger(cfg.run_dir, writes_files)
-        data = _prepare_data(cfg, rt.dist, logger.info)
+        resumed = _resumable(cfg.run_dir)
+        data = _prepare_data(cfg, rt.dist, logger.info, resumed[1] if resumed else None)
         if cfg.batch_size == 0:
             cfg = auto_batch_size(cfg, rt, logger.info)
-        return _Run(cfg, rt, data, logger.info).run()
+        run = _Run(cfg, rt, data, logger.info)
+        started = True
+        if writes_files:
+            _start_log_file(logger, cfg.run_dir)
+        return run.run()
     finally:
         if lock:
             lock.release()
+            if created and not started:  # nothing of a run is in it: leave no empty folder behind
+                shutil.rmtree(cfg.run_dir, ignore_errors=True)
         runtime.shutdown_distributed(rt.dist)
 
 
@@ -319,25 +369,52 @@ def _lock_run_dir(run_dir: Path) -> checkpoint.RunLock:
     return lock
 
 
-def _prepare_data(cfg: TrainConfig, dist: runtime.Distributed, log) -> PreparedData:
-    """The prepared corpus (the main rank prepares, the others then reuse its files); the run's
-    tokenizer.json is written beside its checkpoints."""
-    data_cfg = cfg.data
-    run_tokenizer = cfg.run_dir / "tokenizer.json"
-    if not data_cfg.tokenizer and run_tokenizer.is_file():
-        # A resumed run keeps its own tokenizer even if the prepared corpus was deleted.
-        data_cfg = dataclasses.replace(data_cfg, tokenizer=str(run_tokenizer))
+def _prepare_data(cfg: TrainConfig, dist: runtime.Distributed, log, resumed: dict | None) -> PreparedData:
+    """The run's prepared corpus (the main rank prepares, the others then reuse its files).
+
+    A new run prepares its source (or reuses a folder prepared alike). A resumed run reads the folder
+    it started with, without its source; if that folder is gone, the source is prepared again with
+    the run's own tokenizer, and must give the same tokens (the digest recorded in the checkpoint).
+    """
+    recorded = (resumed or {}).get("data_identity")
+    if recorded and Path(recorded["folder"]).is_dir():
+        def load():
+            return open_prepared(Path(recorded["folder"]), log=log)
+    else:
+        data_cfg = cfg.data
+        if resumed:
+            data_cfg = dataclasses.replace(data_cfg, tokenizer=_run_tokenizer(cfg.run_dir, resumed, recorded))
+
+        def load():
+            return prepare(data_cfg, cfg.model.vocab_size, cfg.seed, log=log)
     if not dist.is_main:
         runtime.preparation_outcome(dist)  # raises the main rank's error
-        return prepare(data_cfg, cfg.model.vocab_size, cfg.seed, log=log)
+        return load()
     try:
-        data = prepare(data_cfg, cfg.model.vocab_size, cfg.seed, log=log)
+        data = load()
+        if recorded and data.digest != recorded["digest"]:
+            raise L1Error(f"the run's prepared corpus {recorded['folder']} is gone, and its source prepared again "
+                          f"gives other tokens ({data.digest}, not {recorded['digest']}): the source changed since "
+                          "the run started; restore the prepared folder or the source, or start a new run")
     except L1Error as exc:
         runtime.preparation_outcome(dist, failure=str(exc))
         raise
     runtime.preparation_outcome(dist)
-    data.tokenizer.save(run_tokenizer)
     return data
+
+
+def _run_tokenizer(run_dir: Path, resumed: dict, recorded: dict | None) -> str:
+    """The run's own tokenizer.json, to prepare its source again with (its fingerprint must be the
+    checkpoint's); '' for a run older than the recorded corpus, whose tokenizer.json is gone or
+    another one (the checkpoint's fingerprint then refuses a mismatch after the preparation)."""
+    path = run_dir / "tokenizer.json"
+    fingerprint = resumed.get("tokenizer_fingerprint")
+    if path.is_file() and Tokenizer.load(path).fingerprint == fingerprint:
+        return str(path)
+    if recorded:
+        raise L1Error(f"the run's prepared corpus {recorded['folder']} is gone and {path} is not the run's tokenizer "
+                      f"({fingerprint}): restore either to resume, or start a new run")
+    return ""
 
 
 def auto_batch_size(cfg: TrainConfig, rt: runtime.Runtime, log) -> TrainConfig:
@@ -414,7 +491,10 @@ class _Run:
         return batches
 
     def _refusal(self, state: dict) -> str | None:
-        """Why a checkpoint cannot continue this run, or None."""
+        """Why a checkpoint cannot continue this run, or None: damaged by its content, or another run's."""
+        damage = checkpoint.content_problem(state)
+        if damage:
+            return f"it is damaged: {damage}"
         ours = dataclasses.asdict(self.cfg.model)
         # A field added to ModelConfig after the checkpoint was written had its default then.
         theirs = {**dataclasses.asdict(ModelConfig()), **state.get("model_config", {})}
@@ -424,7 +504,10 @@ class _Run:
         if state.get("tokenizer_fingerprint") != self.tokenizer.fingerprint:
             return (f"it was trained with tokenizer {state.get('tokenizer_fingerprint')}, "
                     f"not {self.tokenizer.fingerprint}")
-        return None
+        recorded = state.get("data_identity")
+        if recorded and recorded.get("digest") != self.data.digest:
+            return f"it was trained on another corpus ({recorded.get('folder')}, tokens {recorded.get('digest')})"
+        return self.batches.position_problem(state["data_state"])
 
     def _remaining_seconds(self) -> float:
         """A rough duration of the remaining steps, from the matmul roofline at a CPU-like MFU."""
@@ -454,11 +537,20 @@ class _Run:
             "model_config": dataclasses.asdict(self.cfg.model),
             "train_config": self.cfg.to_dict(),
             "tokenizer_fingerprint": self.tokenizer.fingerprint,
+            # The corpus the run started with: a resume reads this folder, or these very tokens.
+            "data_identity": {"folder": str(self.data.dir.resolve()), "digest": self.data.digest},
         }
 
     def _load_state(self, state: dict) -> None:
         """Restore what _state() saved: weights, optimizer, scaler, data position, counters, RNG."""
-        runtime.load_states(self.model, self.optimizers, state["model"], state["optimizer"])
+        trained_with = state["train_config"].get("optimizer", "adamw")
+        if trained_with == self.cfg.optimizer:
+            runtime.load_states(self.model, self.optimizers, state["model"], state["optimizer"])
+        else:  # on purpose: the new optimizer starts from fresh state, all else is kept
+            runtime.load_states(self.model, self.optimizers, state["model"], None)
+            self.log(f"--optimizer {self.cfg.optimizer}: the run trained with {trained_with} until step "
+                     f"{state['step']}; {self.cfg.optimizer} starts from fresh state (weights, data position, "
+                     "counters and random state are kept)")
         self.scaler.load_state_dict(state["scaler"])
         self.batches.load_state_dict(state["data_state"])
         self.step, self.tokens_seen, self.best_val = state["step"], state["tokens_seen"], state["best_val_loss"]
@@ -499,7 +591,8 @@ class _Run:
 
     def run(self) -> TrainResult:
         cfg = self.cfg
-        if self.writes_files:  # --batch_size auto is stored as the size it found
+        if self.writes_files:  # written once every check has passed; --batch_size auto as the size it found
+            self.tokenizer.save(self.run_dir / "tokenizer.json")
             config.save_json(cfg.to_dict(), self.run_dir / TRAINING_ARGS)
             config.save_json(dataclasses.asdict(cfg.model), self.run_dir / "config.json")
         self._announce()

@@ -115,14 +115,13 @@ class _FullDisk:
 def test_full_disk_while_writing_training_log(run, monkeypatch, capsys):
     folder, args = run
     checkpoints = {name: data for name, data in snapshot(folder).items() if name.endswith(".pt")}
-    made = trainer._make_logger
+    started = trainer._start_log_file
 
-    def logger_on_a_full_disk(run_dir, writes):
-        logger = made(run_dir, writes)
+    def log_file_on_a_full_disk(logger, run_dir):
+        started(logger, run_dir)
         next(h for h in logger.handlers if isinstance(h, trainer._LogFile)).stream = _FullDisk()
-        return logger
 
-    monkeypatch.setattr(trainer, "_make_logger", logger_on_a_full_disk)
+    monkeypatch.setattr(trainer, "_start_log_file", log_file_on_a_full_disk)
     assert train_gpu_compatible.main(with_flag(args, "--max_steps", "8")) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "training.log: No space left on device" in line and "run the same command" in line
