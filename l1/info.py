@@ -36,7 +36,9 @@ def run_info(run_dir: str | Path) -> dict:
     if not checkpoints and not any((run / name).is_file() for name in markers):
         raise L1Error(f"{run} is not an L1 run folder (no checkpoint, config.json, training_args.json, "
                       f"{METRICS} or tokenizer.json)")
-    newest = next((c["state"] for c in checkpoints if c["state"]), {})
+    for c in checkpoints:  # the check generate, eval and export make (resume checks its counters too)
+        c["damaged"] = checkpoint.content_problem(c["state"], training=False) if c["state"] else "unreadable"
+    newest = next((c["state"] for c in checkpoints if not c["damaged"]), {})
     train_args = _train_args(run, newest)
     model_cfg = _model_config(run, newest)
     info = {"run": str(run), "preset": train_args.get("preset"), "max_steps": train_args.get("max_steps"),
@@ -44,7 +46,7 @@ def run_info(run_dir: str | Path) -> dict:
     info.update(_progress(run, newest))
     info["tokenizer_fingerprint"] = _tokenizer_fingerprint(run)
     info["checkpoint_tokenizer_fingerprint"] = newest.get("tokenizer_fingerprint")
-    info["checkpoints"] = [{k: c[k] for k in ("name", "bytes", "step")} for c in checkpoints]
+    info["checkpoints"] = [{k: c[k] for k in ("name", "bytes", "step", "damaged")} for c in checkpoints]
     return info
 
 
@@ -129,7 +131,7 @@ def format_info(info: dict) -> str:
     names = [c["name"] for c in info["checkpoints"]]
     width = max(map(len, names), default=0)
     lines = [f"{c['name']:<{width}}  {_size(c['bytes']):>9}  "
-             + (f"step {c['step']:,}" if c["step"] is not None else "unreadable") for c in info["checkpoints"]]
+             + (f"damaged: {c['damaged']}" if c["damaged"] else f"step {c['step']:,}") for c in info["checkpoints"]]
     rows += [("checkpoints" if i == 0 else "", line) for i, line in enumerate(lines or ["none"])]
     return "\n".join(f"{label:<14} {value}" for label, value in rows)
 

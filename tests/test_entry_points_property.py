@@ -331,3 +331,32 @@ def test_plot_on_bad_runs_and_outputs(world, capsys, data):
         code, out, err = call(plot.main, argv, capsys, cwd=scratch)
         assert_outcome(world, code, err, lambda: Path(out.strip()).is_file() and Path(out.strip()).stat().st_size > 0)
         assert not list(scratch.rglob(".*.tmp"))
+
+
+@given(data=st.data())
+@SETTINGS
+def test_resume_with_generated_flags_is_refused_untouched_or_valid(world, capsys, data):
+    """Generated flags against an existing run (a private copy of the finished one): the command is
+    refused and the run folder is byte-identical (its lock aside, which names the last trainer that
+    held it), or the resume is valid: the same run, tokenizer, tokens and model, trained on."""
+    with scratch_folder(world) as (scratch, resolve):
+        run = Path(resolve("run", writable=True))
+        base = list(world["args"])
+        base[base.index("--out") + 1] = str(run)
+        base[base.index("--max_steps") + 1] = str(FINISHED_STEP + 1)
+        generated = data.draw(argv_from(train_parser(), ANY_PATH, exclude=("out", "fresh")), "flags")
+        argv = [resolve(v, writable=flag == "--data_dir") if flag in {f"--{n}" for n in PATH_FLAGS} else v
+                for flag, v in zip([""] + generated, generated)]
+        before = {n: d for n, d in snapshot(run).items() if not n.startswith(".lock")}
+        original = load_file(world["run"] / "latest_checkpoint.pt")
+        code, out, err = call(train_gpu_compatible.main, base + argv, capsys, cwd=scratch)
+        if code != 0:
+            assert code == 2 and "error: " in err, (code, err[-2000:])
+            assert {n: d for n, d in snapshot(run).items() if not n.startswith(".lock")} == before
+        else:
+            state = load_file(run / "latest_checkpoint.pt")
+            assert state["step"] >= FINISHED_STEP and state["run_id"] == original["run_id"]
+            for key in ("tokenizer_fingerprint", "data_identity", "model_config"):
+                assert state[key] == original[key], key
+            assert (run / "tokenizer.json").read_bytes() == (world["run"] / "tokenizer.json").read_bytes()
+        assert_untouched(world)

@@ -214,3 +214,15 @@ def test_resume_with_another_optimizer_starts_it_fresh_and_keeps_the_rest(run):
     assert after["step"] == 6 and after["train_config"]["optimizer"] == "adamw"
     assert after["data_state"]["index"] > before["data_state"]["index"]
     assert not any("ns_steps" in group for group in after["optimizer"]["param_groups"])
+
+
+def test_info_names_a_damaged_checkpoint_and_reads_the_newest_intact_one(run, capsys):
+    from l1 import info
+
+    folder, _ = run
+    resealed(folder / LATEST, step=-5, tokens_seen=123)
+    assert info.main([str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "latest_checkpoint.pt" in out and "damaged: its step -5 is not a whole number >= 0" in out
+    got = info.run_info(folder)
+    assert got["step"] == 4 and got["tokens_seen"] != 123  # from the next intact checkpoint

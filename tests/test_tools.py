@@ -163,7 +163,7 @@ def test_info_marks_a_damaged_checkpoint_and_refuses_a_non_run(run, tmp_path, ca
     shutil.copytree(run[0], folder)
     (folder / checkpoint.LATEST).write_bytes(b"garbage")
     got = info.run_info(folder)
-    assert got["checkpoints"][0] == {"name": checkpoint.LATEST, "bytes": 7, "step": None}
+    assert got["checkpoints"][0] == {"name": checkpoint.LATEST, "bytes": 7, "step": None, "damaged": "unreadable"}
     assert got["step"] == 30  # from the next readable checkpoint
     assert "unreadable" in info.format_info(got)
     (tmp_path / "empty").mkdir()
