@@ -226,3 +226,11 @@ def test_info_names_a_damaged_checkpoint_and_reads_the_newest_intact_one(run, ca
     assert "latest_checkpoint.pt" in out and "damaged: its step -5 is not a whole number >= 0" in out
     got = info.run_info(folder)
     assert got["step"] == 4 and got["tokens_seen"] != 123  # from the next intact checkpoint
+
+
+def test_fresh_with_a_bad_flag_refuses_before_moving_the_run_aside(run, capsys):
+    folder, args = run
+    before = snapshot(folder)
+    assert train_gpu_compatible.main(with_flag(args, "--lr", "-1") + ["--fresh"]) == 2
+    assert "lr must be > 0" in one_error_line(capsys.readouterr().err)
+    assert snapshot(folder) == before and not list(folder.parent.glob("run.old-*"))
