@@ -28,10 +28,10 @@ import sys
 from pathlib import Path
 
 from l1 import checkpoint
+from l1 import gguf as gguf_file
 from l1.config import ModelConfig, SamplingConfig
 from l1.cli import entry_point
 from l1.errors import L1Error
-from l1 import gguf as gguf_file
 from l1.hf import ARCHITECTURES, hf_architecture
 from l1.tokenizer import EOT, Tokenizer
 
@@ -53,7 +53,7 @@ def export(run_or_checkpoint: str, out_dir: str, force: bool = False) -> Path:
     return out
 
 
-def export_gguf(run_or_checkpoint: str, out_file: str, outtype: str = "f16", force: bool = False,
+def export_gguf(run_or_checkpoint: str, out_file: str, outtype: str = gguf_file.DEFAULT_OUTTYPE, force: bool = False,
                 **writer_options) -> Path:
     """Write the GGUF file out_file, and the Ollama Modelfile beside it, from a run folder or a
     checkpoint file. Existing files need force=True. writer_options: l1.gguf.write's private knobs
@@ -64,6 +64,9 @@ def export_gguf(run_or_checkpoint: str, out_file: str, outtype: str = "f16", for
     source = _checkpoint_path(Path(run_or_checkpoint))
     out = Path(out_file)
     modelfile = out.with_name(gguf_file.MODELFILE)
+    if out == modelfile:
+        raise L1Error(f"{gguf_file.MODELFILE} is the name of the Ollama file written beside the GGUF; "
+                      "give the GGUF another name, e.g. model.gguf")
     for path in (out, modelfile):
         if path.is_dir():
             raise L1Error(f"{path} is a folder; give the GGUF a file name, e.g. {path / 'model.gguf'}")
@@ -83,8 +86,11 @@ def export_gguf(run_or_checkpoint: str, out_file: str, outtype: str = "f16", for
 
 
 def _is_gguf(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"  # the format's magic
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"  # the format's magic
+    except OSError:  # unreadable: not one to replace
+        return False
 
 
 def _require_libraries(*names: str) -> None:
@@ -230,8 +236,8 @@ def _summary(out: Path) -> str:
 
 def _gguf_summary(out: Path, outtype: str) -> str:
     return (f"exported to {out}: {out.stat().st_size / 2**20:.1f} MiB of {outtype} weights, and "
-            f"{out.with_name(gguf_file.MODELFILE)}\nrun it with llama.cpp: llama-cli -m {out}; with Ollama: "
-            f"cd {out.parent} && ollama create <name> -f {gguf_file.MODELFILE} && ollama run <name>")
+            f"{out.with_name(gguf_file.MODELFILE)}\nrun it with llama.cpp (llama_cpp.Llama({str(out)!r}, n_ctx=0)) "
+            f"or Ollama (cd {out.parent} && ollama create <name> -f {gguf_file.MODELFILE} && ollama run <name>)")
 
 
 @entry_point
@@ -251,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fmt = args.format or ("gguf" if args.out.lower().endswith(".gguf") else "hf")
     if fmt == "gguf":
-        out = export_gguf(args.source, args.out, outtype=args.outtype or "f16", force=args.force)
-        print(_gguf_summary(out, args.outtype or "f16"))
+        outtype = args.outtype or gguf_file.DEFAULT_OUTTYPE
+        print(_gguf_summary(export_gguf(args.source, args.out, outtype=outtype, force=args.force), outtype))
         return 0
     if args.outtype:
         raise L1Error("--outtype applies to GGUF files only (a Hugging Face folder is float32); "

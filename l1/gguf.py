@@ -27,6 +27,7 @@ from l1.config import ModelConfig, SamplingConfig
 from l1.errors import L1Error
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+DEFAULT_OUTTYPE = "f16"  # half of f32's size, its logits within 2e-2 of L1's (tests/test_gguf.py)
 MODELFILE = "Modelfile"  # Ollama's recipe, written beside the GGUF
 
 # What the GPT-2 byte-level BPE, the one L1 trains, holds in tokenizer.json (the parts that decide

@@ -276,6 +276,7 @@ def test_refusals_are_one_line_and_write_nothing(run, exported, tmp_path, capsys
     assert "not a GGUF" in _one_line_error(capsys, [folder, checkpoint_file, "--format", "gguf", "--force"])
     assert checkpoint_file.read_bytes() == b"weights"
     assert "--outtype applies to GGUF" in _one_line_error(capsys, [folder, tmp_path / "hf", "--outtype", "q8_0"])
+    assert "name of the Ollama file" in _one_line_error(capsys, [folder, tmp_path / "Modelfile", "--format", "gguf"])
     unfit = tmp_path / "unfit"  # a model neither llama.cpp architecture written here can hold
     state = checkpoint.load_file(folder / checkpoint.BEST)
     cfg = ModelConfig(**{**state["model_config"], "mlp": "relu2"})
