@@ -11,6 +11,7 @@ comparison is of the file and not of a cache's rounding.
 """
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -284,15 +285,15 @@ def test_refusals_are_one_line_and_write_nothing(run, exported, tmp_path, capsys
     assert "--mlp relu2" in _one_line_error(capsys, [unfit, tmp_path / "unfit.gguf"])
     assert not (tmp_path / "unfit.gguf").exists() and not (tmp_path / "Modelfile").exists()
     assert not list(tmp_path.glob(".*"))
-    assert export.main([str(folder), str(existing), "--force"]) == 0  # --force replaces file and Modelfile
+    # --force replaces the file and its Modelfile; a checkpoint file is a source as good as its run folder
+    assert export.main([str(folder / checkpoint.BEST), str(existing), "--force"]) == 0
+    assert existing.read_bytes() == before
 
 
 @pytest.mark.parametrize("change", [{"normalizer": {"type": "NFC"}},
                                     {"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True, "use_regex": True}},
                                     {"pre_tokenizer": {"type": "Metaspace"}}, {"model": {"type": "BPE", "ignore_merges": True}}])
 def test_a_tokenizer_no_llama_cpp_pre_tokenizer_matches_is_refused(run, change):
-    import json
-
     content = json.loads(run[2].content)
     assert gguf_file.llama_cpp_pre_tokenizer(content) == "gpt-2"
     for key, value in change.items():
@@ -300,3 +301,21 @@ def test_a_tokenizer_no_llama_cpp_pre_tokenizer_matches_is_refused(run, change):
     with pytest.raises(L1Error, match="no GGUF was written") as err:
         gguf_file.llama_cpp_pre_tokenizer(content)
     assert "\n" not in str(err.value)
+
+
+def test_a_chat_template_in_the_tokenizer_files_reaches_the_gguf(run, llama, tmp_path, monkeypatch):
+    """The GGUF reads its special tokens and chat template from the tokenizer files the HF export
+    writes: a template there (as a chat run's) is the file's tokenizer.chat_template, which
+    llama.cpp reads, and the Modelfile then leaves the template to it."""
+    template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+    write_tokenizer = export._write_tokenizer
+
+    def with_template(folder, *args):
+        write_tokenizer(folder, *args)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+
+    monkeypatch.setattr(export, "_write_tokenizer", with_template)
+    path = export.export_gguf(str(run[0]), str(tmp_path / "chat.gguf"), outtype="q8_0")
+    assert llama(path, vocab_only=True).metadata["tokenizer.chat_template"] == template
+    assert "TEMPLATE" not in (tmp_path / "Modelfile").read_text()
