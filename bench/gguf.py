@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import emit, interleaved, machine
+from bench.common import emit, interleaved_decodes, machine
 from bench.generate import l1_decode
 from l1 import checkpoint, export, sampler
 from l1.config import ModelConfig
@@ -103,20 +103,10 @@ def main(argv=None) -> None:
                                    for name, llm in llms.items()})
                 for fn in contenders.values():  # warm caches and allocations
                     fn()
-                firsts: dict[str, list[float]] = {name: [] for name in contenders}
-
-                def timed(name, fn):
-                    def run_once():
-                        seconds, first = fn()
-                        firsts[name].append(first)
-                        return seconds
-                    return run_once
-
-                seconds = interleaved({name: timed(name, fn) for name, fn in contenders.items()}, args.repeats)
+                seconds, firsts = interleaved_decodes(contenders, args.repeats)
                 for name, s in seconds.items():
                     emit(kind="decode", contender=name, context=context, batch=1,
-                         tokens_per_s=(args.new_tokens - 1) / s,
-                         first_token_s=sorted(firsts[name])[len(firsts[name]) // 2])
+                         tokens_per_s=(args.new_tokens - 1) / s, first_token_s=firsts[name])
         finally:
             for llm in llms.values():
                 llm.close()
