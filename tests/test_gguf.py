@@ -1,5 +1,5 @@
 """l1.export to GGUF, proven by llama.cpp itself (llama-cpp-python): the file's tokenizer gives L1's
-token ids on real text, its logits equal L1's, greedy decoding gives L1's tokens, and the 8-bit
+token ids on real text (and on any text hypothesis draws), its logits equal L1's, greedy decoding gives L1's tokens, and the 8-bit
 file stays within a stated bits-per-byte margin. Files made wrong on purpose (the query/key rows
 in Hugging Face's order, another pre-tokenizer's name) fail the same checks.
 
@@ -17,6 +17,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import llama_cpp
 from conftest import SHARED_SAMPLE, make_documents, train_briefly
@@ -177,6 +179,26 @@ def test_file_holds_the_model_the_tokenizer_and_a_modelfile(run, exported):
 def test_token_ids_equal_l1_on_real_text(run, exported, llama):
     _, _, tok, held_out = run
     check_token_ids(llama(exported["f16"], vocab_only=True), tok, TRICKY + held_out)
+
+
+@pytest.fixture(scope="module")
+def vocabulary(exported):
+    """llama.cpp's tokenizer of the f16 file, for the property test (hypothesis wants no per-test fixture)."""
+    llm = load(exported["f16"], vocab_only=True)
+    yield llm
+    llm.close()
+
+
+# Characters where split rules differ between implementations: every kind of Unicode space and
+# line break, contraction letters in both cases, digits and other numbers, a combining mark, emoji.
+SPLIT_PROBES = list(" \t\n\r\x0b\x0c\x1c\x85\xa0\u1680\u2000\u2028\u3000\u200b\ufeff'sdtlmvreSDTLMVRE0123"
+                    "aZ\u00e9\u0301\u00b2\u2167.,!\U0001f642") + [EOT]
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(st.text(max_size=60), st.lists(st.sampled_from(SPLIT_PROBES), max_size=30).map("".join)))
+def test_token_ids_equal_l1_on_any_text(run, vocabulary, text):
+    assert vocabulary.tokenize(text.encode(), add_bos=False, special=True) == run[2].encode(text)
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
