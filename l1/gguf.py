@@ -31,9 +31,11 @@ DEFAULT_OUTTYPE = "f16"  # half of f32's size, its logits within 2e-2 of L1's (t
 MODELFILE = "Modelfile"  # Ollama's recipe, written beside the GGUF
 
 # What the GPT-2 byte-level BPE, the one L1 trains, holds in tokenizer.json (the parts that decide
-# how text becomes ids). llama.cpp's pre-tokenizer "gpt-2" splits text with the same regular
-# expression as this ByteLevel pre-tokenizer, applies the merges by rank (no ignore_merges) and
-# maps bytes to characters by GPT-2's table.
+# how text becomes ids). llama.cpp's pre-tokenizer "gpt-2" splits text as this ByteLevel
+# pre-tokenizer does (its expression lacks the final `|\s+`, but llama.cpp keeps unmatched text as
+# a piece of its own, which is all that alternative does), applies the merges by rank (no
+# ignore_merges) and maps bytes to characters by GPT-2's table. tests/test_gguf.py checks the ids
+# on Wikipedia text and on any text hypothesis draws.
 _GPT2_PRE_TOKENIZER = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 _GPT2_MODEL = {"type": "BPE", "dropout": None, "continuing_subword_prefix": None, "end_of_word_suffix": None,
                "byte_fallback": False, "ignore_merges": False}
