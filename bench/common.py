@@ -42,6 +42,23 @@ def interleaved(contenders: dict[str, Callable[[], float | None]], repeats: int)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def interleaved_decodes(contenders: dict[str, Callable[[], tuple[float, float]]],
+                        repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """interleaved() for decoders that return (decode seconds, seconds to the first token): the
+    median of each, per contender."""
+    firsts: dict[str, list[float]] = {name: [] for name in contenders}
+
+    def timed(name, fn):
+        def run():
+            seconds, first = fn()
+            firsts[name].append(first)
+            return seconds
+        return run
+
+    seconds = interleaved({name: timed(name, fn) for name, fn in contenders.items()}, repeats)
+    return seconds, {name: statistics.median(ts) for name, ts in firsts.items()}
+
+
 def memory_bandwidth(device: torch.device, megabytes: int = 256) -> float:
     """Measured bytes/s of a large copy (read + write): the bound for batch-1 decoding."""
     src = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device)

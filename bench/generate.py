@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import emit, interleaved, machine, memory_bandwidth
+from bench.common import emit, interleaved, interleaved_decodes, machine, memory_bandwidth
 from l1 import sampler
 from l1.config import ModelConfig, SamplingConfig
 from l1.hf import to_llama
@@ -197,16 +197,7 @@ def decode(decoders: dict, fp32: GPT, llama, context: int, batch: int, args, ban
         if name in decoders and decoders[name].compiled and (name, batch) not in warmed:
             warmed.add((name, batch))
             emit(kind="warmup", contender=name, batch=batch, seconds=time.perf_counter() - start)
-    firsts: dict[str, list[float]] = {name: [] for name in contenders}
-
-    def timed(name, fn):
-        def run():
-            seconds, first = fn()
-            firsts[name].append(first)
-            return seconds
-        return run
-
-    seconds = interleaved({name: timed(name, fn) for name, fn in contenders.items()}, args.repeats)
+    seconds, firsts = interleaved_decodes(contenders, args.repeats)
     rates = {name: batch * (args.new_tokens - 1) / s for name, s in seconds.items()}
     slots = sampler.cache_slots(context, fp32.cfg.block_size)
     for name, rate in rates.items():
@@ -215,7 +206,7 @@ def decode(decoders: dict, fp32: GPT, llama, context: int, batch: int, args, ban
         read = step_bytes(model, batch, slots if name in decoders else context, kv_bytes)
         record = dict(kind="decode", contender=name, context=context, batch=batch, tokens_per_s=rate,
                       vs_transformers=rate / rates["transformers_generate"],
-                      first_token_s=sorted(firsts[name])[len(firsts[name]) // 2], step_bytes=read,
+                      first_token_s=firsts[name], step_bytes=read,
                       fraction_of_bandwidth_bound=rate / (batch * bandwidth / read))
         if name == "l1_no_cache":
             del record["step_bytes"], record["fraction_of_bandwidth_bound"]  # it reads the whole text per token

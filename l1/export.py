@@ -1,20 +1,24 @@
-"""Export a trained run as a Hugging Face folder: a LlamaForCausalLM with its tokenizer.
+"""Export a trained run as a Hugging Face folder (LlamaForCausalLM, or Qwen3ForCausalLM for a
+model trained with --qk_norm, with its tokenizer) or as a GGUF file for llama.cpp, Ollama and LM Studio.
 
     python -m l1.export models/<run> OUT/          # the run's best checkpoint (else latest)
     python -m l1.export models/<run>/latest_checkpoint.pt OUT/ --force
+    python -m l1.export models/<run> out.gguf --outtype q8_0     # a .gguf name (or --format gguf)
 
 OUT then loads offline with transformers' AutoModelForCausalLM / AutoTokenizer, and so with the
-tools built on them (vLLM, llama.cpp's convert_hf_to_gguf.py, the Hugging Face hub).
+tools built on them (vLLM, the Hugging Face hub); out.gguf with llama.cpp and the tools built on
+it, with an Ollama Modelfile beside it (l1/gguf.py).
 
 The exported vocabulary is the tokenizer's own: the embedding rows L1 pads on for fast matmuls
 (and any rows beyond the tokenizer) are dropped, so no generator, in any framework, can ever pick
-an id that has no token. transformers and safetensors are imported inside the functions that use
-them: training never needs them.
+an id that has no token. transformers, safetensors and gguf are imported inside the functions that
+use them: training never needs them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -24,10 +28,11 @@ import sys
 from pathlib import Path
 
 from l1 import checkpoint
+from l1 import gguf as gguf_file
 from l1.config import ModelConfig, SamplingConfig
 from l1.cli import entry_point
 from l1.errors import L1Error
-from l1.hf import require_llama
+from l1.hf import ARCHITECTURES, hf_architecture
 from l1.tokenizer import EOT, Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -36,35 +41,88 @@ WEIGHTS = "model.safetensors"
 def export(run_or_checkpoint: str, out_dir: str, force: bool = False) -> Path:
     """Write the Hugging Face folder out_dir from a run folder (best, else latest checkpoint) or a
     checkpoint file (its tokenizer.json beside it). A non-empty out_dir needs force=True."""
-    _require_libraries()
+    _require_libraries("transformers", "safetensors")
     source = _checkpoint_path(Path(run_or_checkpoint))
     out = _check_out_dir(Path(out_dir), source.parent, force)
-    run = checkpoint.load_run(str(run_or_checkpoint))  # a damaged best: the newest intact checkpoint
-    cfg, tokenizer = run.model_config, run.tokenizer
-    require_llama(cfg, str(run.path))
-    weights = {name: t.float() for name, t in run.state["model"].items()}
-    hf_cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size, pad_vocab_to=1)  # unpadded
+    run, architecture, hf_cfg = _load(run_or_checkpoint)
+    with _staging(out) as staging:
+        _write_config(staging, hf_cfg, architecture, run.tokenizer.eot_id)
+        _write_weights(staging, _hf_weights(run, hf_cfg))
+        _write_tokenizer(staging, run.tokenizer, hf_cfg.block_size)
+        _publish(staging, out.resolve())
+    return out
+
+
+def export_gguf(run_or_checkpoint: str, out_file: str, outtype: str = gguf_file.DEFAULT_OUTTYPE, force: bool = False,
+                **writer_options) -> Path:
+    """Write the GGUF file out_file, and the Ollama Modelfile beside it, from a run folder or a
+    checkpoint file. Existing files need force=True. writer_options: l1.gguf.write's private knobs
+    (the tests' deliberately wrong files)."""
+    _require_libraries("gguf", "transformers")  # transformers writes the tokenizer files the GGUF is read from
+    if outtype not in gguf_file.OUTTYPES:
+        raise L1Error(f"--outtype must be one of {', '.join(gguf_file.OUTTYPES)}, got {outtype!r}")
+    source = _checkpoint_path(Path(run_or_checkpoint))
+    out = Path(out_file)
+    modelfile = out.with_name(gguf_file.MODELFILE)
+    if out == modelfile:
+        raise L1Error(f"{gguf_file.MODELFILE} is the name of the Ollama file written beside the GGUF; "
+                      "give the GGUF another name, e.g. model.gguf")
+    for path in (out, modelfile):
+        if path.is_dir():
+            raise L1Error(f"{path} is a folder; give the GGUF a file name, e.g. {path / 'model.gguf'}")
+        if path.exists() and not force:
+            raise L1Error(f"{path} exists; pass --force to replace it")
+    if out.is_file() and not _is_gguf(out):  # a checkpoint, say: never replaced, even with --force
+        raise L1Error(f"{out} exists and is not a GGUF file; choose another name")
+    run, architecture, cfg = _load(run_or_checkpoint)
+    with _staging(out) as staging:
+        _write_tokenizer(staging, run.tokenizer, cfg.block_size)
+        chat_template = gguf_file.write(staging / out.name, _hf_weights(run, cfg), cfg, architecture, staging,
+                                        outtype, name=source.parent.name, **writer_options)
+        (staging / modelfile.name).write_text(gguf_file.modelfile(out.name, cfg, chat=chat_template is not None))
+        for path in (out, modelfile):  # each appears whole, by one rename
+            os.replace(staging / path.name, path)
+    return out
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"  # the format's magic
+    except OSError:  # unreadable: not one to replace
+        return False
+
+
+def _require_libraries(*names: str) -> None:
+    """Fail before reading a checkpoint (gigabytes) when the libraries that write the export are missing."""
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise L1Error(f"export needs {name}: pip install {' '.join(names)}")
+
+
+def _load(source: str) -> tuple[checkpoint.LoadedRun, str, ModelConfig]:
+    """The verified run (a run folder's damaged best: its newest intact checkpoint), its architecture
+    ("llama" or "qwen3"; refused if neither) and its model config with the tokenizer's vocabulary,
+    unpadded."""
+    run = checkpoint.load_run(str(source))
+    architecture = hf_architecture(run.model_config, str(run.path))
+    return run, architecture, dataclasses.replace(run.model_config, vocab_size=run.tokenizer.vocab_size, pad_vocab_to=1)
+
+
+@contextlib.contextmanager
+def _staging(out: Path):
+    """A hidden folder beside out where the export is written before it is moved into place;
+    removed afterwards, whatever happens. A failed write is one line."""
     target = out.resolve()  # a name to build a sibling from, even for "."
     staging = target.with_name(f".{target.name}.export-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
     try:
         staging.mkdir(parents=True)
-        _write_config(staging, hf_cfg, tokenizer.eot_id)
-        _write_weights(staging, weights, hf_cfg, tokenizer.vocab_size)
-        _write_tokenizer(staging, tokenizer, cfg.block_size)
-        _publish(staging, target)
+        yield staging
     except OSError as exc:  # a full disk, a read-only folder, a file where a folder should be
         raise L1Error(f"cannot write {out}: {exc.strerror or exc}; free space or choose another folder") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return out
-
-
-def _require_libraries() -> None:
-    """Fail before reading a checkpoint (gigabytes) when the libraries that write the folder are missing."""
-    for name in ("transformers", "safetensors"):
-        if importlib.util.find_spec(name) is None:
-            raise L1Error(f"export needs {name}: pip install transformers safetensors")
 
 
 def _checkpoint_path(path: Path) -> Path:
@@ -93,34 +151,39 @@ def _check_out_dir(out: Path, run_dir: Path, force: bool) -> Path:
     return out
 
 
-def _write_weights(folder: Path, weights: dict, hf_cfg: ModelConfig, vocab_size: int) -> None:
-    """model.safetensors in Llama's names; a tied embedding is stored once (as embed_tokens), an
-    untied head as lm_head, both cut to the tokenizer's vocabulary."""
+def _hf_weights(run: checkpoint.LoadedRun, hf_cfg: ModelConfig) -> dict:
+    """The weights in float32 under Llama's (Qwen3's) names; a tied embedding once (as
+    embed_tokens), an untied head as lm_head, both cut to the tokenizer's vocabulary."""
+    from l1.hf import to_hf_state_dict
+
+    weights = {name: t.float() for name, t in run.state["model"].items()}
+    weights.update({name: weights[name][:hf_cfg.vocab_size] for name in ("embed.weight", "lm_head.weight")})
+    return to_hf_state_dict(weights, hf_cfg)
+
+
+def _write_weights(folder: Path, weights: dict) -> None:
+    """model.safetensors."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from l1.hf import to_llama_state_dict
-
-    weights = {**weights, **{name: weights[name][:vocab_size] for name in ("embed.weight", "lm_head.weight")}}
-    llama = to_llama_state_dict(weights, hf_cfg)
     try:
         # transformers refuses safetensors files whose metadata does not name the framework.
-        save_file(llama, folder / WEIGHTS, metadata={"format": "pt"})
+        save_file(weights, folder / WEIGHTS, metadata={"format": "pt"})
     except SafetensorError as exc:  # its I/O errors (a full disk) are not OSErrors
         raise OSError(str(exc)) from None
     shutil.copymode(folder / "config.json", folder / WEIGHTS)  # safetensors creates it owner-only (0600)
 
 
-def _write_config(folder: Path, hf_cfg: ModelConfig, eot_id: int) -> None:
+def _write_config(folder: Path, hf_cfg: ModelConfig, architecture: str, eot_id: int) -> None:
     """config.json and generation_config.json; sampling defaults are generate_simple.py's."""
     from transformers import GenerationConfig
 
-    from l1.hf import llama_config
+    from l1.hf import hf_config
 
-    llama = llama_config(hf_cfg, bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
-    llama.architectures = ["LlamaForCausalLM"]  # vLLM and llama.cpp pick the model class from this
-    llama.dtype = "float32"
-    llama.save_pretrained(folder)
+    config = hf_config(hf_cfg, bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
+    config.architectures = [ARCHITECTURES[architecture]]  # vLLM and llama.cpp pick the model class from this
+    config.dtype = "float32"
+    config.save_pretrained(folder)
     # transformers 5 writes dtype and rope_parameters; older readers (transformers 4, llama.cpp's
     # converter) look for torch_dtype and rope_theta. transformers 5 reads both spellings.
     _update_json(folder / "config.json", torch_dtype="float32", rope_theta=hf_cfg.rope_theta)
@@ -166,9 +229,15 @@ def _publish(staging: Path, out: Path) -> None:
 def _summary(out: Path) -> str:
     config = json.loads((out / "config.json").read_text())
     size = (out / WEIGHTS).stat().st_size
-    return (f"exported to {out}: LlamaForCausalLM, {config['num_hidden_layers']} layers x "
+    return (f"exported to {out}: {config['architectures'][0]}, {config['num_hidden_layers']} layers x "
             f"{config['hidden_size']} wide, vocabulary {config['vocab_size']}, {size / 2**20:.1f} MiB of "
             f"float32 weights\nload it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+def _gguf_summary(out: Path, outtype: str) -> str:
+    return (f"exported to {out}: {out.stat().st_size / 2**20:.1f} MiB of {outtype} weights, and "
+            f"{out.with_name(gguf_file.MODELFILE)}\nrun it with llama.cpp (llama_cpp.Llama({str(out)!r}, n_ctx=0)) "
+            f"or Ollama (cd {out.parent} && ollama create <name> -f {gguf_file.MODELFILE} && ollama run <name>)")
 
 
 @entry_point
@@ -176,10 +245,24 @@ def main(argv: list[str] | None = None) -> int:
     """The command line (through l1.cli.entry_point: one error line, exit status 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a run folder (models/<run>) or a checkpoint file")
-    parser.add_argument("out", help="the Hugging Face folder to write")
+    parser.add_argument("out", help="the Hugging Face folder to write, or a GGUF file (a name ending in .gguf)")
+    parser.add_argument("--format", choices=("hf", "gguf"),
+                        help="hf (a Hugging Face folder) or gguf (one file for llama.cpp, Ollama, LM Studio); "
+                             "default: gguf for an out ending in .gguf, else hf")
+    parser.add_argument("--outtype", choices=gguf_file.OUTTYPES,
+                        help="GGUF weights: f32, f16 (default), bf16 or q8_0 (8-bit, half of f16's size)")
     parser.add_argument("--force", action="store_true",
-                        help="write into a non-empty folder, replacing the files of the same names")
+                        help="write into a non-empty folder, replacing the files of the same names "
+                             "(GGUF: replace the file and its Modelfile)")
     args = parser.parse_args(argv)
+    fmt = args.format or ("gguf" if args.out.lower().endswith(".gguf") else "hf")
+    if fmt == "gguf":
+        outtype = args.outtype or gguf_file.DEFAULT_OUTTYPE
+        print(_gguf_summary(export_gguf(args.source, args.out, outtype=outtype, force=args.force), outtype))
+        return 0
+    if args.outtype:
+        raise L1Error("--outtype applies to GGUF files only (a Hugging Face folder is float32); "
+                      "give an out ending in .gguf or --format gguf")
     print(_summary(export(args.source, args.out, force=args.force)))
     return 0
 

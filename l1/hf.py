@@ -1,7 +1,10 @@
-"""The one-to-one map between L1's GPT and transformers' LlamaForCausalLM.
+"""The one-to-one maps between L1's GPT and transformers' LlamaForCausalLM and Qwen3ForCausalLM.
 
-Used by the parity tests (Llama is the reference implementation) and by the export to a Hugging
-Face folder. transformers is imported lazily: training and sampling never need it.
+Used by the parity tests (Llama and Qwen3 are the reference implementations) and by the exports
+(a Hugging Face folder, GGUF). A model trained with --qk_norm is a Qwen3: Qwen3 normalizes each
+head's query and key (RMSNorm over head_dim, eps rms_norm_eps, one weight shared by the heads)
+before RoPE, exactly as L1's Attention does. transformers is imported lazily: training and
+sampling never need it.
 """
 
 from __future__ import annotations
@@ -11,24 +14,38 @@ import torch
 from l1.config import ModelConfig
 from l1.errors import L1Error
 
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}  # hf_architecture -> class
 
-def require_llama(cfg: ModelConfig, what: str) -> None:
-    """Refuse, in one line, a model that the Llama format cannot hold (an untied head it can)."""
-    knobs = [flag for flag, used in (("--qk_norm", cfg.qk_norm),  # no per-head query/key norms
+
+def _refuse(cfg: ModelConfig, what: str, formats_cannot_hold: str, qk_norm_fits: bool) -> None:
+    """One line naming the knobs of cfg that the formats cannot hold."""
+    knobs = [flag for flag, used in (("--qk_norm", cfg.qk_norm and not qk_norm_fits),  # per-head q/k norms
                                      (f"--mlp {cfg.mlp}", cfg.mlp != "swiglu"),  # SwiGLU only
                                      (f"--logit_softcap {cfg.logit_softcap:g}", cfg.logit_softcap))  # no soft cap
              if used]
-    # --dropout needs nothing: it acts in training only, and the Llama model is for inference.
+    # --dropout needs nothing: it acts in training only, and the exported model is for inference.
     if knobs:
-        raise L1Error(f"{what} was trained with {', '.join(knobs)}, which the Llama format cannot hold; "
+        raise L1Error(f"{what} was trained with {', '.join(knobs)}, which {formats_cannot_hold}; "
                       f"only models trained without {'it' if len(knobs) == 1 else 'them'} can be exported")
 
 
-def llama_config(cfg: ModelConfig, **extra):
-    """A LlamaConfig with exactly L1's architecture (the padded vocabulary included)."""
-    from transformers import LlamaConfig
+def require_llama(cfg: ModelConfig, what: str) -> None:
+    """Refuse, in one line, a model that the Llama format cannot hold (an untied head it can)."""
+    _refuse(cfg, what, "the Llama format cannot hold", qk_norm_fits=False)
 
-    return LlamaConfig(
+
+def hf_architecture(cfg: ModelConfig, what: str) -> str:
+    """"llama", or "qwen3" for a model with query/key norms; a model neither holds is refused in one line."""
+    _refuse(cfg, what, "neither the Llama nor the Qwen3 format can hold", qk_norm_fits=True)
+    return "qwen3" if cfg.qk_norm else "llama"
+
+
+def hf_config(cfg: ModelConfig, **extra):
+    """A LlamaConfig (a Qwen3Config with --qk_norm) with exactly L1's architecture (the padded
+    vocabulary included)."""
+    from transformers import LlamaConfig, Qwen3Config
+
+    common = dict(
         vocab_size=cfg.padded_vocab_size,
         hidden_size=cfg.n_embd,
         intermediate_size=cfg.mlp_hidden,
@@ -40,15 +57,17 @@ def llama_config(cfg: ModelConfig, **extra):
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         tie_word_embeddings=cfg.tie_embeddings,
         attention_bias=False,
-        mlp_bias=False,
         hidden_act="silu",
         **extra,
     )
+    if cfg.qk_norm:
+        return Qwen3Config(head_dim=cfg.head_dim, use_sliding_window=False, **common)
+    return LlamaConfig(mlp_bias=False, **common)
 
 
-def to_llama_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename and split L1 weights (fused qkv, fused gate/up) into Llama's parameter names; the
-    head only where it is untied (Llama ties it to embed_tokens itself)."""
+def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename and split L1 weights (fused qkv, fused gate/up) into Llama's (Qwen3's) parameter
+    names; the head only where it is untied (both tie it to embed_tokens themselves)."""
     out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
@@ -67,19 +86,29 @@ def to_llama_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dic
             dst + "mlp.up_proj.weight": up,
             dst + "mlp.down_proj.weight": state[src + "mlp.down.weight"],
         })
+        if cfg.qk_norm:
+            out[dst + "self_attn.q_norm.weight"] = state[src + "attn.q_norm.weight"]
+            out[dst + "self_attn.k_norm.weight"] = state[src + "attn.k_norm.weight"]
     return {name: t.contiguous() for name, t in out.items()}
+
+
+def to_hf(model, dtype=torch.float32):
+    """A LlamaForCausalLM (Qwen3ForCausalLM with --qk_norm) carrying the same weights as an L1 GPT
+    (refused in one line where neither has an equivalent)."""
+    import transformers
+
+    architecture = ARCHITECTURES[hf_architecture(model.cfg, "this model")]
+    hf_model = getattr(transformers, architecture)(hf_config(model.cfg)).to(dtype)
+    state = to_hf_state_dict({k: v.detach() for k, v in model.state_dict().items()}, model.cfg)
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    # A tied lm_head.weight is the embedding, so it is the only name transformers may report missing.
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if model.cfg.tie_embeddings else set()), \
+        (missing, unexpected)
+    return hf_model.eval()
 
 
 def to_llama(model, dtype=torch.float32):
     """A LlamaForCausalLM carrying the same weights as an L1 GPT (refused in one line where
     Llama has no equivalent)."""
-    from transformers import LlamaForCausalLM
-
     require_llama(model.cfg, "this model")
-    llama = LlamaForCausalLM(llama_config(model.cfg)).to(dtype)
-    state = to_llama_state_dict({k: v.detach() for k, v in model.state_dict().items()}, model.cfg)
-    missing, unexpected = llama.load_state_dict(state, strict=False)
-    # A tied lm_head.weight is the embedding, so it is the only name Llama may report missing.
-    assert not unexpected and set(missing) <= ({"lm_head.weight"} if model.cfg.tie_embeddings else set()), \
-        (missing, unexpected)
-    return llama.eval()
+    return to_hf(model, dtype)

@@ -122,6 +122,23 @@ def run_script(script: str, *args, cwd=REPO, timeout=300, **popen) -> subprocess
                           capture_output=True, text=True, timeout=timeout, **popen)
 
 
+def train_briefly(model, ids: list[int], steps: int = 150, seq_len: int = 32, lr: float = 3e-3) -> None:
+    """Adam steps on random windows of ids (batches of 8), in process: a model for the export
+    tests that has learned something, in seconds."""
+    data = torch.tensor(ids)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - seq_len - 1, (8,), generator=gen)
+        batch = torch.stack([data[s:s + seq_len + 1] for s in starts])
+        loss = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matrices on shared cores gain nothing from threads and lose much to contention

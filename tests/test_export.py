@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, train_briefly
 from l1 import checkpoint, export
 from l1.config import ModelConfig
 from l1.model import GPT
@@ -16,22 +16,6 @@ from l1.tokenizer import EOT, Tokenizer
 
 SENTENCE = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat. "
 PROMPT = "The quick brown"
-
-
-def _train(model: GPT, ids: list[int], steps: int = 150) -> None:
-    """A few hundred Adam steps on one repeated sentence, so greedy decoding has a clear answer."""
-    data = torch.tensor(ids)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        starts = torch.randint(0, len(data) - 33, (8,), generator=gen)
-        batch = torch.stack([data[s:s + 33] for s in starts])
-        loss = model(batch[:, :-1], batch[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,7 +29,7 @@ def run(tmp_path_factory):
     cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=64, block_size=64)
     torch.manual_seed(0)
     model = GPT(cfg)
-    _train(model, tok.encode(SENTENCE * 40))
+    train_briefly(model, tok.encode(SENTENCE * 40))  # so greedy decoding has a clear answer
     with torch.no_grad():
         # Make the padded rows dominate L1's raw logits: the export must still never emit them.
         hidden = model.norm(model.embed(torch.tensor([tok.encode(PROMPT)])))[0, -1]
@@ -176,17 +160,26 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys):
     Tokenizer.train(["a different corpus entirely"], 260).save(other / "tokenizer.json")
     assert "not the tokenizer" in _one_line_error(capsys, [other, tmp_path / "o4"])
     state = checkpoint.load_file(folder / checkpoint.BEST)
-    for i, (knob, flag) in enumerate([({"qk_norm": True}, "--qk_norm"), ({"mlp": "relu2"}, "--mlp relu2"),
-                                      ({"logit_softcap": 30.0}, "--logit_softcap 30")]):
-        unfit = tmp_path / f"unfit{i}"  # a model the Llama format cannot hold
+    for i, (knob, flag) in enumerate([({"mlp": "relu2"}, "--mlp relu2"), ({"logit_softcap": 30.0}, "--logit_softcap 30")]):
+        unfit = tmp_path / f"unfit{i}"  # a model neither the Llama nor the Qwen3 format can hold
         unfit.mkdir()
         cfg = ModelConfig(**{**state["model_config"], **knob})
         checkpoint.save_file({**state, "model": GPT(cfg).state_dict(), "model_config": dataclasses.asdict(cfg)},
                              unfit / checkpoint.BEST)
         (unfit / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
         err = _one_line_error(capsys, [unfit, tmp_path / f"o5-{i}"])
-        assert flag in err and "Llama format cannot hold" in err
+        assert flag in err and "neither the Llama nor the Qwen3 format can hold" in err
         assert not (tmp_path / f"o5-{i}").exists()
+
+
+def _variant(folder, model: GPT, dest):
+    """A run folder at dest holding model, with folder's checkpoint fields and tokenizer."""
+    dest.mkdir()
+    state = checkpoint.load_file(folder / checkpoint.BEST)
+    checkpoint.save_file({**state, "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg)},
+                         dest / checkpoint.BEST)
+    (dest / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+    return dest
 
 
 def test_untied_head_is_exported_as_lm_head_and_matches_l1(run, tmp_path):
@@ -200,19 +193,35 @@ def test_untied_head_is_exported_as_lm_head_and_matches_l1(run, tmp_path):
     with torch.no_grad():  # the trained weights, and a head that differs from the embedding
         model.load_state_dict({**tied.state_dict(), "lm_head.weight": tied.embed.weight * 0.5 + 0.01})
         model.lm_head.weight[tok.vocab_size:] = 1e3  # padded rows that would win if exported
-    untied = tmp_path / "untied"
-    untied.mkdir()
-    state = checkpoint.load_file(folder / checkpoint.BEST)
-    checkpoint.save_file({**state, "model": model.state_dict(), "model_config": dataclasses.asdict(cfg)},
-                         untied / checkpoint.BEST)
-    (untied / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
-    out = export.export(str(untied), str(tmp_path / "hf"))
+    out = export.export(str(_variant(folder, model, tmp_path / "untied")), str(tmp_path / "hf"))
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     with safe_open(out / "model.safetensors", "pt") as f:
         assert f.get_tensor("lm_head.weight").shape == f.get_tensor("model.embed_tokens.weight").shape \
             == (tok.vocab_size, 64)
     hf_model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     assert hf_model.lm_head.weight.data_ptr() != hf_model.model.embed_tokens.weight.data_ptr()
+    idx = torch.randint(0, tok.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(idx).logits, model(idx)[..., :tok.vocab_size], rtol=1e-5, atol=1e-5)
+
+
+def test_qk_norm_model_is_exported_as_qwen3_and_matches_l1(run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder, trained, tok = run
+    cfg = dataclasses.replace(trained.cfg, qk_norm=True)
+    torch.manual_seed(2)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # the trained weights, and per-head norms far from identity
+        model.load_state_dict(trained.state_dict(), strict=False)
+        for block in model.blocks:
+            for norm in (block.attn.q_norm, block.attn.k_norm):
+                norm.weight.copy_(torch.rand(cfg.head_dim) * 2)
+    out = export.export(str(_variant(folder, model, tmp_path / "qk")), str(tmp_path / "hf"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["head_dim"] == cfg.head_dim
+    hf_model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert type(hf_model).__name__ == "Qwen3ForCausalLM"
     idx = torch.randint(0, tok.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(hf_model(idx).logits, model(idx)[..., :tok.vocab_size], rtol=1e-5, atol=1e-5)

@@ -149,6 +149,17 @@ def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(run, tmp_path):
     assert snapshot(folder) == before
 
 
+def test_gguf_export_onto_a_full_disk_is_one_line_and_leaves_nothing(run, tmp_path):
+    folder, _ = run
+    before = snapshot(folder)
+    result = subprocess.run(script("l1.export", folder, tmp_path / "tiny.gguf", "--outtype", "f32"), cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "cannot write" in one_error_line(result.stderr)  # numpy's short write says no errno
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no tiny.gguf, Modelfile or staging folder
+    assert snapshot(folder) == before
+
+
 def test_export_under_a_file_is_one_line(run, tmp_path, capsys):
     folder, _ = run
     (tmp_path / "file").write_text("x")

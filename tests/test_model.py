@@ -1,4 +1,4 @@
-"""The GPT against its reference (transformers' Llama) and its own invariants."""
+"""The GPT against its references (transformers' Llama, and Qwen3 for --qk_norm) and its own invariants."""
 
 import dataclasses
 import itertools
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from l1.config import ModelConfig, resolve
 from l1.errors import L1Error
-from l1.hf import to_llama
+from l1.hf import to_hf, to_llama
 from l1 import runtime
 from l1.model import GPT, KVCache, ReLU2, _RMSNormFunction
 
@@ -37,12 +37,36 @@ def test_logits_match_llama_for_causal_lm(tie):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_qk_norm_logits_match_qwen3_for_causal_lm(tie):
+    cfg = dataclasses.replace(SMALL, qk_norm=True, tie_embeddings=tie)
+    model = small_model(cfg=cfg)
+    with torch.no_grad():  # the norms' weights too, so a missing or misplaced one shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    qwen3 = to_hf(model)
+    assert type(qwen3).__name__ == "Qwen3ForCausalLM"
+    idx = torch.randint(0, SMALL.vocab_size, (3, 40))
+    with torch.no_grad():
+        ours = model(idx)
+        theirs = qwen3(idx).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("knob, flag", [({"qk_norm": True}, "--qk_norm"), ({"mlp": "relu2"}, "--mlp relu2"),
                                         ({"logit_softcap": 15.0}, "--logit_softcap 15")])
 def test_llama_refuses_what_it_cannot_hold_in_one_line(knob, flag):
     with pytest.raises(L1Error, match=flag) as err:
         to_llama(small_model(cfg=dataclasses.replace(SMALL, **knob)))
     assert "\n" not in str(err.value) and "Llama format cannot hold" in str(err.value)
+
+
+@pytest.mark.parametrize("knob, flag", [({"mlp": "relu2"}, "--mlp relu2"), ({"logit_softcap": 15.0}, "--logit_softcap 15")])
+def test_neither_llama_nor_qwen3_holds_the_other_knobs(knob, flag):
+    with pytest.raises(L1Error, match=flag) as err:
+        to_hf(small_model(cfg=dataclasses.replace(SMALL, qk_norm=True, **knob)))
+    assert "\n" not in str(err.value) and "--qk_norm" not in str(err.value)
+    assert "neither the Llama nor the Qwen3 format" in str(err.value)
 
 
 def test_untied_head_is_its_own_parameter():
