@@ -339,7 +339,7 @@ class CheckpointManager:
         start = time.perf_counter()
         self.wait()
         if self.run_id is None:
-            self.run_id = _read_run_id(self.dir) or uuid.uuid4().hex
+            self.run_id = read_run_id(self.dir) or uuid.uuid4().hex
         state = {**state, "run_id": self.run_id}
         if not self.background:
             self._write(state, rolling, best)
@@ -417,7 +417,7 @@ class CheckpointManager:
         None when the folder has no checkpoint at all; CheckpointError when it has some but none
         can be used, so a run is never silently restarted from zero.
         """
-        ours = _read_run_id(self.dir)
+        ours = read_run_id(self.dir)
         problems = []
         for path in self.candidates():
             try:
@@ -444,7 +444,7 @@ class CheckpointManager:
         return None
 
 
-def _read_run_id(run_dir: Path) -> str | None:
+def read_run_id(run_dir: Path) -> str | None:
     """The id in a run folder's run_id.txt; None without one (a new run, or one older than run ids)."""
     path = Path(run_dir) / RUN_ID
     if not path.is_file():

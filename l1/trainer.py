@@ -51,16 +51,17 @@ def configure(overrides: dict, file_values: dict | None = None, fresh: bool = Fa
     file_values = file_values or {}
     preset = overrides.get("preset") or file_values.get("preset") or TrainConfig.preset
     out = Path(overrides.get("out") or file_values.get("out") or f"models/{preset}")
-    resumed = None if fresh else _resumable(out)
+    has_run = not fresh and bool(CheckpointManager(out, keep=1).candidates())
+    reference = _reference_checkpoint(out) if has_run else None
     stored = None
-    if resumed:
+    if has_run:
         stored_path = out / TRAINING_ARGS
         if stored_path.is_file():
             stored = config.load_json(stored_path)
             _check_config_json(out / "config.json", stored.get("model", {}))
-        else:
-            print(f"{stored_path} is missing: resuming with the configuration stored in {resumed[0].name}")
-            stored = resumed[1]["train_config"]
+        elif reference:
+            print(f"{stored_path} is missing: resuming with the configuration stored in {reference[0].name}")
+            stored = reference[1]["train_config"]
     elif not fresh and (out / TRAINING_ARGS).is_file():
         print(f"{out} holds no checkpoint: starting a new run there with this command's settings")
     asked = overrides.get("preset") or file_values.get("preset")
@@ -70,9 +71,9 @@ def configure(overrides: dict, file_values: dict | None = None, fresh: bool = Fa
                       "another --out (or --fresh)")
     cfg = config.resolve(overrides, stored, file_values)
     cfg = dataclasses.replace(cfg, data=identity.absolute(cfg.data))
-    if resumed:
-        _check_identity(cfg, out, resumed[1])
-        _check_max_steps(cfg, resumed[1].get("step", 0))
+    if reference:
+        _check_identity(cfg, out, reference[1])
+        _check_max_steps(cfg, reference[1]["step"])
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise L1Error("--tensorboard needs the tensorboard package: pip install tensorboard")
     if fresh and out.exists() and any(out.iterdir()):
@@ -83,12 +84,17 @@ def configure(overrides: dict, file_values: dict | None = None, fresh: bool = Fa
     return cfg
 
 
-def _resumable(run_dir: Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint file of the run folder with the plain values it holds (a cheap look,
-    not verified: the full load comes later and checks again), or None for a folder with none."""
+def _reference_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
+    """The checkpoint a resume of this folder is checked against before anything is written: the
+    newest whose content is sound and whose run id is the folder's, read cheaply (memory-mapped; its
+    checksum is verified by the full load, which checks again). None where there is none."""
+    try:
+        ours = checkpoint.read_run_id(run_dir)
+    except checkpoint.CheckpointError:
+        ours = None
     for path in CheckpointManager(run_dir, keep=1).candidates():
         state = checkpoint.peek(path)
-        if state and isinstance(state.get("train_config"), dict):
+        if state and not checkpoint.content_problem(state) and (ours is None or state.get("run_id") == ours):
             return path, state
     return None
 
@@ -333,8 +339,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             lock = _lock_run_dir(cfg.run_dir)
         runtime.barrier(rt.dist)
         logger = _make_logger(cfg.run_dir, writes_files)
-        resumed = _resumable(cfg.run_dir)
-        data = _prepare_data(cfg, rt.dist, logger.info, resumed[1] if resumed else None)
+        reference = _reference_checkpoint(cfg.run_dir)
+        data = _prepare_data(cfg, rt.dist, logger.info, reference[1] if reference else None)
         if cfg.batch_size == 0:
             cfg = auto_batch_size(cfg, rt, logger.info)
         run = _Run(cfg, rt, data, logger.info)

@@ -262,11 +262,18 @@ def test_generate_with_a_corrupt_tokenizer_beside_a_good_checkpoint(run, capsys)
 
 
 def test_generate_from_a_checkpoint_whose_model_config_was_edited(run, capsys):
+    """A valid checksum over an edited config: the best checkpoint is damaged by its content, and
+    generate says so and samples from the newest intact one; a damaged file named alone is refused."""
     folder, _ = run
     state = load_file(folder / "best_checkpoint.pt")
-    state["model_config"]["n_layer"] = 3  # a valid checksum over an edited config
+    state["model_config"]["n_layer"] = 3
     checkpoint.save_file(state, folder / "best_checkpoint.pt")
-    line = refused(generate_simple.main, ["--model_path", folder, "--prompt", "hi", "--no-compile"], capsys)
+    capsys.readouterr()
+    assert generate_simple.main(["--model_path", str(folder), "--prompt", "hi", "--no-compile"]) == 0
+    err = capsys.readouterr().err
+    assert "skipping best_checkpoint.pt" in err and "do not fit its model_config" in err and "trying latest" in err
+    line = refused(generate_simple.main, ["--model_path", folder / "best_checkpoint.pt", "--prompt", "hi",
+                                          "--no-compile"], capsys)
     assert "do not fit its model_config" in line
 
 
@@ -277,7 +284,8 @@ def test_resume_with_an_edited_model_config_in_the_latest_checkpoint_falls_back(
     checkpoint.save_file(state, folder / "latest_checkpoint.pt")
     assert train_gpu_compatible.main(with_flag(args, "--max_steps", "5")) == 0
     log = (folder / "training.log").read_text()
-    assert "different model" in log and "resumed from checkpoint_epoch_0_step_4.pt at step 4" in log
+    assert "its weights do not fit its model_config" in log  # damaged by its content
+    assert "resumed from checkpoint_epoch_0_step_4.pt at step 4" in log
     assert load_file(folder / "latest_checkpoint.pt")["step"] == 5
 
 

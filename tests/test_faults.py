@@ -214,8 +214,10 @@ def test_pickle_that_runs_code_is_refused(finished_run, tmp_path, capsys):
 
     for path in run.glob("*.pt"):
         torch.save({"model": Exploit()}, path)
+    log_before = (run / "training.log").read_bytes()
     assert train_gpu_compatible.main(list(map(str, args))) == 2
-    assert "pickled objects" in (run / "training.log").read_text()
+    assert "pickled objects" in capsys.readouterr().err
+    assert (run / "training.log").read_bytes() == log_before  # a refused resume writes nothing
     assert not marker.exists()
 
 
