@@ -509,7 +509,8 @@ def _locked(work: Path, log):
     name = work.parent / work.name.removesuffix(".partial")[1:]
     lock = FolderLock(work).acquire(lambda: log(f"waiting for another process that is preparing {name}"))
     try:
-        remove_temporaries(work)
+        if lock.intact():  # else the holder before finished and renamed it: its path may be another's now
+            remove_temporaries(work)
         yield
     finally:
         lock.release()
