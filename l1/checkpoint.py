@@ -28,6 +28,7 @@ import torch
 
 from l1.config import ModelConfig, model_config_from_dict
 from l1.errors import L1Error
+from l1.lock import NOTE, FolderLock, remove_temporaries, temporary
 from l1.model import GPT
 from l1.tokenizer import Tokenizer
 
@@ -36,7 +37,7 @@ LATEST = "latest_checkpoint.pt"
 BEST = "best_checkpoint.pt"
 ROLLING = re.compile(r"checkpoint_epoch_(\d+)_step_(\d+)\.pt")
 RUN_ID = "run_id.txt"  # the run's identity, created with its first checkpoint
-LOCK = ".lock"  # held (flock) by the process that trains the run; holds its PID as text
+LOCK = NOTE  # the PID of the trainer that holds the run folder's lock
 
 
 class CheckpointError(L1Error):
@@ -111,7 +112,7 @@ def _cannot_write(what: str, exc: OSError, intact: str) -> CheckpointError:
 def _write_atomic(path: Path, write: Callable) -> None:
     """write(f) into a temporary file in the same folder, fsync, rename, fsync the folder; on an
     OSError the temporary file is removed and the error raised."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -235,7 +236,7 @@ def _copy(src: Path, dst: Path) -> None:
 
     A copy, not a hard link: a damaged sector in one file must not take its twin with it.
     """
-    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp = temporary(dst)
     try:
         shutil.copyfile(src, tmp)
         with open(tmp, "rb+") as f:
@@ -382,6 +383,9 @@ class CheckpointManager:
 
     def _write(self, state: dict, rolling: bool, best: bool) -> None:
         start = time.perf_counter()
+        lock = _HELD.get(os.path.abspath(self.dir))
+        if lock:  # the folder must still be the one locked: never write where another trainer may be
+            lock.check()
         if not (self.dir / RUN_ID).is_file():
             _write_run_id(self.dir, self.run_id)
         payload = _sealed(state)
@@ -464,43 +468,48 @@ def _write_run_id(run_dir: Path, run_id: str) -> None:
 
 
 class RunLock:
-    """An OS lock on a run folder for the life of a run: one trainer per folder.
+    """The lock on a run folder for the life of a run: one trainer per folder (l1.lock.FolderLock).
 
-    flock on the folder's .lock file (msvcrt on Windows), so the kernel releases it when the
-    holder dies, SIGKILL included: no stale lock. The holder writes its PID into the file for the
-    message a second trainer gets. Taking the lock also removes the temporary files that a killed
-    save left (full-size .*.pt.tmp), which only the folder's owner may do.
+    What is locked is the folder itself (on Windows, a file beside it that cannot be deleted while
+    open), not a file a user may delete, and the OS drops it when the holder dies, SIGKILL
+    included: no stale lock. The holder's PID is in the folder's .lock note, for the message a
+    second trainer gets; deleting the note changes nothing. Before each save, the holder checks that
+    the folder is still the one it locked (not moved, deleted or replaced since), and stops
+    otherwise. Taking the lock also removes the temporary files that killed writes left, which only
+    the folder's owner may do.
     """
 
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
-        self._fd: int | None = None
+        self._lock = FolderLock(self.dir, note=True)
 
     def acquire(self) -> RunLock:
         """Take the lock, or raise L1Error naming the holder's PID."""
         try:
-            fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            taken = self._lock.try_acquire()
         except OSError as exc:
             raise L1Error(f"run folder {self.dir} is not writable ({exc.strerror}); choose another --out") from None
-        if not _try_lock(fd):
-            os.lseek(fd, 1, os.SEEK_SET)  # byte 0 is the one Windows locks (and cannot read)
-            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            raise L1Error(f"run folder {self.dir} is in use by another trainer (PID {holder}); wait for it "
-                          "to finish or stop it, or choose another --out")
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f" {os.getpid()}\n".encode())
-        self._fd = fd
-        for debris in [*self.dir.glob(".*.pt.tmp"), self.dir / f".{RUN_ID}.tmp"]:
+        if not taken:
+            raise L1Error(f"run folder {self.dir} is in use by another trainer (PID {self._lock.holder()}); wait "
+                          "for it to finish or stop it, or choose another --out")
+        _HELD[os.path.abspath(self.dir)] = self
+        remove_temporaries(self.dir)
+        for debris in [*self.dir.glob(".*.pt.tmp"), self.dir / f".{RUN_ID}.tmp"]:  # named so before unique names
             debris.unlink(missing_ok=True)
         return self
 
+    def check(self) -> None:
+        """Raise CheckpointError if the run folder is no longer the one this process locked."""
+        if not self._lock.intact():
+            raise CheckpointError(f"run folder {self.dir} was moved, deleted or replaced while this trainer held "
+                                  "it; stopping without writing there (another trainer may own that path now): "
+                                  "resume from wherever the run's folder is now")
+
     def release(self) -> None:
-        """Let go of the lock (closing the file releases it); the .lock file stays, harmless."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Let go of the lock (closing the folder releases it); the .lock note stays, harmless."""
+        if _HELD.get(os.path.abspath(self.dir)) is self:
+            del _HELD[os.path.abspath(self.dir)]
+        self._lock.release()
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -509,23 +518,8 @@ class RunLock:
         self.release()
 
 
-def _try_lock(fd: int) -> bool:
-    """An exclusive, non-blocking lock on an open file; False when another process holds it."""
-    if os.name == "nt":
-        import msvcrt
-
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # byte 0, from the current position
-        except OSError:
-            return False
-        return True
-    import fcntl
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
+# The run locks this process holds, by absolute folder: a save into one of them checks it first.
+_HELD: dict[str, RunLock] = {}
 
 
 def find_for_inference(model_path: str | None, models_root: Path = Path("models")) -> list[Path]:

@@ -78,4 +78,4 @@ class _Interrupts:
 
     def _resend(self):
         if self.active:  # not once the command has ended: the handlers outside are not ours
-            os.kill(os.getpid(), self.signum)
+            signal.raise_signal(self.signum)  # not os.kill: on Windows that terminates the process

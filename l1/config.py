@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from l1.errors import L1Error
+from l1.lock import temporary
 
 MIN_VOCAB = 257  # a byte-level BPE: 256 byte symbols + the end-of-text token
 MLP_KINDS = {"swiglu": 3, "relu2": 2}  # each kind's matrices of hidden x n_embd
@@ -468,7 +469,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 def save_json(obj: dict, path: Path) -> None:
     """Write JSON atomically (temporary file + rename), so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary(path)
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import itertools
 import json
@@ -50,6 +49,7 @@ import torch
 
 from l1.config import DataConfig
 from l1.errors import L1Error
+from l1.lock import FolderLock, remove_temporaries
 from l1.tokenizer import Tokenizer
 
 FORMAT_VERSION = 3
@@ -511,18 +511,17 @@ def _verified(folder: Path, identity: dict | None = None) -> dict:
 
 @contextlib.contextmanager
 def _locked(work: Path, log):
-    """Hold an exclusive lock on the work folder; the kernel releases it when the process dies."""
+    """Hold an exclusive lock on the work folder, waiting for another process that holds it; the OS
+    releases it when the process dies. The temporary files of a killed write in it are removed."""
     work.mkdir(parents=True, exist_ok=True)
-    fd = os.open(work, os.O_RDONLY)
+    name = work.parent / work.name.removesuffix(".partial")[1:]
+    lock = FolderLock(work).acquire(lambda: log(f"waiting for another process that is preparing {name}"))
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting for another process that is preparing {work.parent / work.name.removesuffix('.partial')[1:]}")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        if lock.intact():  # else the holder before finished and renamed it: its path may be another's now
+            remove_temporaries(work)
         yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
 def _write_error(exc: OSError, data_dir: Path) -> L1Error:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from l1.cli import entry_point
 from l1.errors import L1Error
+from l1.lock import temporary
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
@@ -147,7 +148,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, log_y: bool = F
     out = Path(out) if out else run_dir / PLOT
     last = series.train_step[-1] if series.train_step else series.eval_step[-1]
     fig = figure(series, f"{run_dir.resolve().name}: step {last:,}", log_y)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = temporary(out)
     try:
         fig.savefig(tmp, format=out.suffix.lstrip(".") or "png")
         os.replace(tmp, out)

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def wait_for(condition, process, timeout=180):
+    """Poll condition() until it holds; fail if the process (a trainer) exits first or it takes too long."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the trainer exited with {process.returncode}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)

@@ -16,6 +16,7 @@ from conftest import REPO
 from l1 import checkpoint
 from l1.checkpoint import BEST, LATEST, RUN_ID, CheckpointError, CheckpointManager, RunLock, load_file, rolling_name
 from l1.errors import L1Error
+from l1.lock import temporary
 
 
 def make_state(step: int = 1, device: str = "cpu") -> dict:
@@ -277,7 +278,9 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
 
 
 def test_taking_the_lock_removes_what_a_killed_save_left(tmp_path):
-    debris = [".latest_checkpoint.pt.tmp", f".{rolling_name(0, 6)}.tmp", ".best_checkpoint.pt.tmp", f".{RUN_ID}.tmp"]
+    debris = [".latest_checkpoint.pt.tmp", f".{rolling_name(0, 6)}.tmp", ".best_checkpoint.pt.tmp", f".{RUN_ID}.tmp",
+              *(temporary(tmp_path / name).name for name in (LATEST, BEST, RUN_ID, "config.json", "tokenizer.json",
+                                                              "training_args.json", "loss.png"))]  # named per process now
     kept = [LATEST, "notes.tmp", ".data.tmp", "training.log"]
     for name in debris + kept:
         (tmp_path / name).write_bytes(b"x" * 1000)

@@ -6,13 +6,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import train_gpu_compatible
-from conftest import REPO, make_documents, run_script, tiny_args
+from conftest import REPO, make_documents, run_script, tiny_args, wait_for
 from l1.checkpoint import load_file
 
 MAX_STEPS = 16
@@ -166,14 +165,6 @@ def test_debris_of_a_killed_save_is_removed_by_the_next_run(finished_run):
     args[args.index("--max_steps") + 1] = "9"  # no save of step 2 or a rename over them
     assert train_gpu_compatible.main(args) == 0
     assert not any(path.exists() for path in debris) and not list(run.glob(".*.tmp"))
-
-
-def wait_for(condition, process, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, f"the trainer exited with {process.returncode}"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
 
 
 def test_second_trainer_on_a_run_folder_refuses_and_touches_nothing(corpus, tmp_path):
