@@ -15,6 +15,13 @@ is run again into a fresh folder, SIGKILLed at a random instant, and run once mo
 equal the uninterrupted preparation's and decode to the source documents exactly. Last, the
 loader's share: BatchIterator.next() over the shards at the tiny preset's batch (16 x 256) against
 a forward + backward of the tiny preset's GPT. Prints one JSON object per measurement.
+
+    python -m bench.data --long_mb 50 500 --sizes_mb     # only the long documents
+
+A long document (--long_mb): one .txt file of that many MB on a single line (the sample's documents
+joined by spaces, repeated), beside 1,000 of the sample's documents, prepared with the default
+settings as above (the tokenizer's sample ends with the document that crosses it: the whole long
+one); its peak RSS and time, the documents counted and the text's bytes checked.
 """
 
 from __future__ import annotations
@@ -48,7 +55,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default="../shared/data/wikipedia-sample",
                         help="a folder of parquet files; a relative path is taken from the repository root")
-    parser.add_argument("--sizes_mb", type=float, nargs="+", default=[100, 500, 2000], help="corpus sizes (MB of text)")
+    parser.add_argument("--sizes_mb", type=float, nargs="*", default=[100, 500, 2000], help="corpus sizes (MB of text)")
+    parser.add_argument("--long_mb", type=float, nargs="*", default=[50, 500],
+                        help="sizes of a single-line document (MB) prepared beside a few short ones")
     parser.add_argument("--kill_mb", type=float, default=500, help="the size whose preparation is killed and resumed")
     parser.add_argument("--vocab_size", type=int, default=4096)
     parser.add_argument("--shard_tokens", type=int, default=DataConfig.shard_tokens,
@@ -61,7 +70,7 @@ def main(argv=None) -> None:
         vocab_size = settings.pop("vocab_size")
         prepare(DataConfig(**settings), vocab_size, seed=0, log=lambda line: print(line, file=sys.stderr, flush=True))
         return
-    if args.kill_mb not in args.sizes_mb:
+    if args.sizes_mb and args.kill_mb not in args.sizes_mb:
         parser.error("--kill_mb must be one of --sizes_mb (its uninterrupted preparation is the reference)")
     work = Path(tempfile.mkdtemp(prefix="l1-bench-data-"))
     try:
@@ -90,6 +99,22 @@ def make_corpus(source: Path, folder: Path, megabytes: float) -> int:
             if written >= budget:
                 break
         copy += 1
+    return written
+
+
+def make_long_document(source: Path, folder: Path, megabytes: float) -> int:
+    """1,000 of the source's documents as parquet and one .txt file of `megabytes` MB of their text on a
+    single line (no newline), written in slices; returns the long document's bytes."""
+    folder.mkdir(parents=True)
+    table = pq.read_table(sorted(source.glob("*.parquet"))[0], columns=["id", "text"])
+    pq.write_table(table.slice(0, 1000), folder / "a.parquet")
+    text = " ".join(" ".join(table.column("text").to_pylist()).split())  # about 30 MB, whitespace made single spaces
+    budget, written = int(megabytes * 1e6), 0
+    with open(folder / "long.txt", "w", encoding="utf-8") as f:
+        while written < budget:
+            data = text.encode("utf-8")[:budget - written].decode("utf-8", "ignore") + " "
+            f.write(data)
+            written += len(data.encode("utf-8"))
     return written
 
 
@@ -157,7 +182,30 @@ def run(args, work: Path) -> None:
              bytes_per_token=round(data.bytes_per_token("train"), 3))
         if megabytes == args.kill_mb:
             kill_and_resume(args, corpus, data, seconds, work)
-    loader_share(prepared[max(prepared)].tokens("train"), args.repeats)
+    for megabytes in args.long_mb:
+        long_document(args, source, megabytes, work)
+    if prepared:
+        loader_share(prepared[max(prepared)].tokens("train"), args.repeats)
+
+
+def long_document(args, source: Path, megabytes: float, work: Path) -> None:
+    """Peak RSS and time of preparing a corpus with one single-line document of `megabytes` MB."""
+    corpus = work / f"long-{megabytes:g}"
+    long_bytes = make_long_document(source, corpus, megabytes)
+    settings = settings_for(args, corpus, work / "data-long")
+    seconds, peak_rss, status = prepare_in_child(settings)
+    if status != 0:
+        raise SystemExit(f"preparing a {megabytes:g} MB document failed (exit {status})")
+    meta = opened(settings).meta
+    splits = meta["splits"]
+    emit(kind="long_document", document_mb=round(long_bytes / 1e6, 1), peak_rss_mb=round(peak_rss / 2**20, 1),
+         seconds=round(seconds, 1), tokenizer_train_s=round(meta["tokenizer_train_seconds"], 1),
+         tokenize_mb_per_s=round(meta["tokenize_mb_per_s"], 3),
+         documents=splits["train"]["documents"] + splits["val"]["documents"],
+         text_mb=round((splits["train"]["text_bytes"] + splits["val"]["text_bytes"]) / 1e6, 1),
+         tokens=splits["train"]["tokens"] + splits["val"]["tokens"])
+    shutil.rmtree(corpus)
+    shutil.rmtree(work / "data-long")
 
 
 def kill_and_resume(args, corpus: Path, reference: PreparedData, seconds: float, work: Path) -> None:

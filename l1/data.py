@@ -358,7 +358,8 @@ def pieces(cfg: DataConfig, cache_dir: Path, log) -> Iterator[tuple[str, bool]]:
     head = list(itertools.islice(docs, 2))
     if len(head) < 2:
         if not head:
-            raise L1Error(f"--data {cfg.data}: no text found")
+            raise L1Error(f"--data {cfg.data}: no text found" + (f" ({skipped} row(s) without text: none, empty or "
+                                                                 "only whitespace)" if skipped else ""))
         stream = _paragraphs(_pieces(_chunks(head[0])))
         if sum(1 for _ in itertools.islice((e for _, e in stream if e), 2)) < 2:
             raise L1Error(_single_document(cfg, isinstance(head[0], TextFile)))

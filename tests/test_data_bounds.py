@@ -166,7 +166,7 @@ def test_a_long_single_line_document_prepares_in_bounded_memory(tmp_path):
     src.mkdir()
     for i, doc in enumerate(make_documents(50)):
         (src / f"a{i:02d}.txt").write_text(doc)
-    long_line(src / "z.txt", 40)
+    long_line(src / "z.txt", 25)
     settings = {"vocab": 1000, "data": str(src), "data_dir": str(tmp_path / "data"), "tokenizer_sample_mb": 0.002}
     proc = subprocess.Popen([sys.executable, "-c", PREPARE, json.dumps(settings)], cwd=REPO, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -174,7 +174,7 @@ def test_a_long_single_line_document_prepares_in_bounded_memory(tmp_path):
     _, status, usage = os.wait4(proc.pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, out
     peak_mib = usage.ru_maxrss / 1024  # the child's and its tokenizer-training child's peak
-    assert peak_mib < 1536, f"peak RSS {peak_mib:.0f} MiB for a 40 MB line"
+    assert peak_mib < 1536, f"peak RSS {peak_mib:.0f} MiB for a 25 MB line"
     data = prepare(DataConfig(data=str(src), data_dir=str(tmp_path / "data"), tokenizer_sample_mb=0.002), 1000,
                    seed=0, log=lambda line: None)
     splits = data.meta["splits"]
@@ -272,6 +272,9 @@ def test_rows_without_text_are_counted_in_the_log(tmp_path):
     data, logs = prep(tmp_path / "src", tmp_path / "data")
     assert "skipped 5 row(s) without text (none, empty or only whitespace)" in logs
     assert all_documents(data) == sorted(docs + docs[:1])
+    write_parquet(tmp_path / "blank.parquet", [None, " ", ""])
+    with pytest.raises(L1Error, match=r"no text found \(3 row\(s\) without text: none, empty or only whitespace\)$"):
+        prep(tmp_path / "blank.parquet", tmp_path / "d3")
     write_parquet(tmp_path / "clean.parquet", docs)
     assert not any("skipped" in line for line in prep(tmp_path / "clean.parquet", tmp_path / "d2")[1])
 
