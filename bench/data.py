@@ -21,7 +21,8 @@ a forward + backward of the tiny preset's GPT. Prints one JSON object per measur
 A long document (--long_mb): one .txt file of that many MB on a single line (the sample's documents
 joined by spaces, repeated), beside 1,000 of the sample's documents, prepared with the default
 settings as above (the tokenizer's sample ends with the document that crosses it: the whole long
-one); its peak RSS and time, the documents counted and the text's bytes checked.
+one); its peak RSS and time, with the documents and text bytes it counted. --long_kinds parquet jsonl
+gives the long document as a parquet row or a .jsonl line instead.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes_mb", type=float, nargs="*", default=[100, 500, 2000], help="corpus sizes (MB of text)")
     parser.add_argument("--long_mb", type=float, nargs="*", default=[50, 500],
                         help="sizes of a single-line document (MB) prepared beside a few short ones")
+    parser.add_argument("--long_kinds", nargs="+", default=["txt"], choices=["txt", "parquet", "jsonl"],
+                        help="the long document as a .txt file, a parquet row or a .jsonl line")
     parser.add_argument("--kill_mb", type=float, default=500, help="the size whose preparation is killed and resumed")
     parser.add_argument("--vocab_size", type=int, default=4096)
     parser.add_argument("--shard_tokens", type=int, default=DataConfig.shard_tokens,
@@ -102,9 +105,10 @@ def make_corpus(source: Path, folder: Path, megabytes: float) -> int:
     return written
 
 
-def make_long_document(source: Path, folder: Path, megabytes: float) -> int:
-    """1,000 of the source's documents as parquet and one .txt file of `megabytes` MB of their text on a
-    single line (no newline), written in slices; returns the long document's bytes."""
+def make_long_document(source: Path, folder: Path, megabytes: float, kind: str) -> int:
+    """1,000 of the source's documents as parquet and one document of `megabytes` MB of their text on a
+    single line (no newline): a .txt file (written in slices), a parquet row or a .jsonl line; returns
+    the long document's bytes."""
     folder.mkdir(parents=True)
     table = pq.read_table(sorted(source.glob("*.parquet"))[0], columns=["id", "text"])
     pq.write_table(table.slice(0, 1000), folder / "a.parquet")
@@ -115,6 +119,13 @@ def make_long_document(source: Path, folder: Path, megabytes: float) -> int:
             data = text.encode("utf-8")[:budget - written].decode("utf-8", "ignore") + " "
             f.write(data)
             written += len(data.encode("utf-8"))
+    if kind != "txt":
+        long = (folder / "long.txt").read_text(encoding="utf-8")
+        (folder / "long.txt").unlink()
+        if kind == "parquet":
+            pq.write_table(pa.table({"text": [long]}), folder / "long.parquet")
+        else:
+            (folder / "long.jsonl").write_text(json.dumps({"text": long}) + "\n")
     return written
 
 
@@ -134,6 +145,14 @@ def prepare_in_child(settings: dict, kill_after: float | None = None) -> tuple[f
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return time.perf_counter() - started, usage.ru_maxrss * 1024, proc.returncode
+
+
+def prepared_in_child(settings: dict, what: str) -> tuple[float, int]:
+    """(seconds, peak RSS in bytes) of one preparation in its own process, which must succeed."""
+    seconds, peak_rss, status = prepare_in_child(settings)
+    if status != 0:
+        raise SystemExit(f"preparing {what} failed (exit {status})")
+    return seconds, peak_rss
 
 
 def raw_encode(tokenizer: Tokenizer, cfg: DataConfig, work: Path) -> dict:
@@ -166,9 +185,7 @@ def run(args, work: Path) -> None:
         corpus = work / f"corpus-{megabytes:g}"
         text_bytes = make_corpus(source, corpus, megabytes)
         settings = settings_for(args, corpus, work / "data")
-        seconds, peak_rss, status = prepare_in_child(settings)
-        if status != 0:
-            raise SystemExit(f"preparing {megabytes:g} MB failed (exit {status})")
+        seconds, peak_rss = prepared_in_child(settings, f"{megabytes:g} MB")
         data = prepared[megabytes] = opened(settings)
         meta = data.meta
         raw = raw_encode(data.tokenizer, DataConfig(data=str(corpus)), work)
@@ -182,23 +199,23 @@ def run(args, work: Path) -> None:
              bytes_per_token=round(data.bytes_per_token("train"), 3))
         if megabytes == args.kill_mb:
             kill_and_resume(args, corpus, data, seconds, work)
-    for megabytes in args.long_mb:
-        long_document(args, source, megabytes, work)
+    for kind in args.long_kinds:
+        for megabytes in args.long_mb:
+            long_document(args, source, megabytes, kind, work)
     if prepared:
         loader_share(prepared[max(prepared)].tokens("train"), args.repeats)
 
 
-def long_document(args, source: Path, megabytes: float, work: Path) -> None:
+def long_document(args, source: Path, megabytes: float, kind: str, work: Path) -> None:
     """Peak RSS and time of preparing a corpus with one single-line document of `megabytes` MB."""
     corpus = work / f"long-{megabytes:g}"
-    long_bytes = make_long_document(source, corpus, megabytes)
+    long_bytes = make_long_document(source, corpus, megabytes, kind)
     settings = settings_for(args, corpus, work / "data-long")
-    seconds, peak_rss, status = prepare_in_child(settings)
-    if status != 0:
-        raise SystemExit(f"preparing a {megabytes:g} MB document failed (exit {status})")
+    seconds, peak_rss = prepared_in_child(settings, f"a {megabytes:g} MB document")
     meta = opened(settings).meta
     splits = meta["splits"]
-    emit(kind="long_document", document_mb=round(long_bytes / 1e6, 1), peak_rss_mb=round(peak_rss / 2**20, 1),
+    emit(kind="long_document", format=kind, document_mb=round(long_bytes / 1e6, 1),
+         peak_rss_mb=round(peak_rss / 2**20, 1),
          seconds=round(seconds, 1), tokenizer_train_s=round(meta["tokenizer_train_seconds"], 1),
          tokenize_mb_per_s=round(meta["tokenize_mb_per_s"], 3),
          documents=splits["train"]["documents"] + splits["val"]["documents"],

@@ -26,6 +26,7 @@ reads is never rewritten. A reused folder's shards are checked against their siz
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import fcntl
@@ -46,6 +47,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from l1.config import DataConfig
@@ -218,16 +220,27 @@ def _readers(cfg: DataConfig, cache_dir: Path, log) -> list[tuple[str, str, part
     return readers
 
 
-class TextFile:
-    """A .txt file: one document, read in chunks of PIECE_CHARS characters, never whole. Decoded as
-    datasets' text reader decodes it (UTF-8, invalid bytes replaced by U+FFFD, universal newlines), so
-    the prepared bytes are those that reader gave."""
+class LongText(abc.ABC):
+    """A document read in chunks, never as one Python str: a .txt file (TextFile), or a long value of
+    a text column (ArrowText)."""
+
+    @abc.abstractmethod
+    def chunks(self) -> Iterator[str]:
+        """The document's text, in order, in chunks of at most PIECE_CHARS characters."""
+
+    def blank(self) -> bool:
+        """Whether the document holds only whitespace (read up to its first other character)."""
+        return all(chunk.isspace() for chunk in self.chunks())
+
+
+class TextFile(LongText):
+    """A .txt file: one document. Decoded as datasets' text reader decodes it (UTF-8, invalid bytes
+    replaced by U+FFFD, universal newlines), so the prepared bytes are those that reader gave."""
 
     def __init__(self, path: str):
         self.path = path
 
     def chunks(self) -> Iterator[str]:
-        """The file's text, in order, in chunks."""
         try:
             with open(self.path, encoding="utf-8", errors="replace") as f:
                 while chunk := f.read(PIECE_CHARS):
@@ -235,14 +248,39 @@ class TextFile:
         except OSError as exc:
             raise L1Error(f"cannot read {self.path}: {exc.strerror or exc}") from None
 
-    def blank(self) -> bool:
-        """Whether the file holds only whitespace (read up to its first other character)."""
-        return all(chunk.isspace() for chunk in self.chunks())
+
+class ArrowText(LongText):
+    """A text value of an Arrow column longer than PIECE_CHARS bytes, decoded from Arrow's buffer a
+    slice at a time (Arrow holds valid UTF-8; a slice ends before a continuation byte)."""
+
+    def __init__(self, value: pa.Scalar):
+        self.value = value
+
+    def chunks(self) -> Iterator[str]:
+        data = memoryview(self.value.as_buffer())
+        start = 0
+        while start < len(data):
+            end = min(start + PIECE_CHARS, len(data))
+            while end < len(data) and data[end] & 0xC0 == 0x80:
+                end -= 1
+            yield str(data[start:end], "utf-8")
+            start = end
+
+
+def _values(column: pa.ChunkedArray) -> Iterator:
+    """A text column's values: str (or None), and an ArrowText for each longer than PIECE_CHARS bytes."""
+    for array in column.chunks:
+        if pa.types.is_null(array.type) or (pc.max(pc.binary_length(array)).as_py() or 0) <= PIECE_CHARS:
+            yield from array.to_pylist()
+        else:
+            for value in array:
+                yield ArrowText(value) if value.is_valid and len(value.as_buffer()) > PIECE_CHARS else value.as_py()
 
 
 def _texts(cfg: DataConfig, cache_dir: Path, log) -> Iterator:
-    """The documents of the source: the values of the text column (str or None), streamed in Arrow
-    batches (no per-row formatting of the other columns), and a TextFile for each .txt file."""
+    """The documents of the source: the values of the text column (str or None; ArrowText if long),
+    streamed in Arrow batches (no per-row formatting of the other columns), and a TextFile for each
+    .txt file."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -259,7 +297,7 @@ def _texts(cfg: DataConfig, cache_dir: Path, log) -> Iterator:
                 kind = table.schema.field(column).type
                 if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
                     raise L1Error(f"the '{column}' column of {origin} holds {kind}, not text")
-                yield from table.column(column).to_pylist()
+                yield from _values(table.column(column))
         except L1Error:
             raise
         except Exception as exc:  # datasets, pyarrow and the network raise many types
@@ -334,7 +372,7 @@ def _paragraphs(pieces: Iterator[str]) -> Iterator[tuple[str, bool]]:
 
 
 def _chunks(doc) -> Iterator[str]:
-    return doc.chunks() if isinstance(doc, TextFile) else iter((doc,))
+    return doc.chunks() if isinstance(doc, LongText) else iter((doc,))
 
 
 def pieces(cfg: DataConfig, cache_dir: Path, log) -> Iterator[tuple[str, bool]]:
@@ -347,7 +385,7 @@ def pieces(cfg: DataConfig, cache_dir: Path, log) -> Iterator[tuple[str, bool]]:
     def with_text():
         nonlocal skipped
         for text in _texts(cfg, cache_dir, log):
-            if text.blank() if isinstance(text, TextFile) else not text or text.isspace():
+            if text.blank() if isinstance(text, LongText) else not text or text.isspace():
                 skipped += 1
             else:
                 yield text

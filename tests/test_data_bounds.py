@@ -23,7 +23,8 @@ from test_data import all_documents, decoded_documents, prep, shard_bytes
 
 # Characters around a cut: letters and digits of several scripts, contractions' quote, punctuation,
 # every kind of whitespace (Unicode's and Python's), and symbols.
-ALPHABET = list("aZé ß日本語١٢3٣'’.,-_!?()\"#\t\n\r\x0b\x0c\x1c\x1f\x85\xa0\u1680\u2000\u2028\u2029\u202f\u3000"
+ALPHABET = list("aZé ß日本語١٢3٣'’.,-_!?()\"#"
+                "\t\n\r\x0b\x0c\x1c\x1f\x85\xa0\u1680\u2000\u2028\u2029\u202f\u3000"
                 "\u180e\u200b\ufeff😀½²")
 
 
@@ -75,8 +76,9 @@ def long_corpus(folder):
         text = " ".join(docs[i * 20:(i + 1) * 20])
         raw = text.replace(". ", ".\r\n", 5).encode() + (b" \xff\xfe tail" if i == 3 else b"")
         (folder / "txt" / f"{i:02d}.txt").write_bytes(raw)
-    write_parquet(folder / "txt" / "rows.parquet",
-                  [" ".join(docs[240 + i * 10:250 + i * 10]) + "\n\n  " * (i % 2) for i in range(10)])
+    write_parquet(folder / "txt" / "rows.parquet",  # read from Arrow's buffer in slices, multi-byte text too
+                  [" ".join(docs[240 + i * 10:250 + i * 10]) + "\n\n  " * (i % 2) for i in range(10)]
+                  + ["héllo wörld, 日本語の文 😀😀 ½ " * 40, None, "  "])
     (folder / "book").mkdir()
     paragraphs = [" ".join(docs[340 + i * 3:343 + i * 3]) for i in range(20)]
     (folder / "book" / "book.txt").write_text("\n \n\n".join(paragraphs[:10]) + "\n\n" + "\n\n".join(paragraphs[10:]))
@@ -169,7 +171,8 @@ def test_a_long_single_line_document_prepares_in_bounded_memory(tmp_path):
     long_line(src / "z.txt", 25)
     settings = {"vocab": 1000, "data": str(src), "data_dir": str(tmp_path / "data"), "tokenizer_sample_mb": 0.002}
     proc = subprocess.Popen([sys.executable, "-c", PREPARE, json.dumps(settings)], cwd=REPO, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, out
@@ -205,7 +208,8 @@ def test_a_sigkilled_preparation_leaves_no_tokenizer_training_child(tmp_path):
     (src / "b.txt").write_text(make_documents(1)[0])
     settings = {"vocab": 20000, "data": str(src), "data_dir": str(tmp_path / "data")}
     proc = subprocess.Popen([sys.executable, "-c", PREPARE, json.dumps(settings)], cwd=REPO, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     child = None
     try:
         while "training a" not in proc.stdout.readline():
