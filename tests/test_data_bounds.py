@@ -101,6 +101,31 @@ def test_documents_cut_into_small_pieces_prepare_the_same_bytes(tmp_path, monkey
         assert all_documents(cut) == sorted(paragraphs)
 
 
+def test_a_preparation_stopped_inside_a_long_document_continues_to_the_same_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(l1.data, "PIECE_CHARS", 97)
+    monkeypatch.setattr(l1.data, "ENCODE_BATCH_BYTES", 300)
+    (tmp_path / "src").mkdir()
+    for i in range(3):
+        (tmp_path / "src" / f"{i}.txt").write_text(" ".join(make_documents(60, seed=i)))
+    reference, _ = prep(tmp_path / "src", tmp_path / "ref", shard_tokens=500, val_fraction=0.3)
+    saves, saving = [], l1.data._save_json
+
+    def crash_after_four(path, value):
+        saving(path, value)
+        saves.append(path.name)
+        if len(saves) == 5:  # the initial record, then four shards' worth
+            raise RuntimeError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(l1.data, "_save_json", crash_after_four)
+        with pytest.raises(RuntimeError, match="killed"):
+            prep(tmp_path / "src", tmp_path / "data", shard_tokens=500, val_fraction=0.3)
+    data, logs = prep(tmp_path / "src", tmp_path / "data", shard_tokens=500, val_fraction=0.3)
+    assert any(line.startswith("continuing an interrupted preparation") for line in logs)
+    assert data.meta["resumed_from_document"] > 3, "the position counts pieces: it lies inside a document"
+    assert shard_bytes(data) == shard_bytes(reference) and data.meta["splits"] == reference.meta["splits"]
+
+
 def test_a_word_longer_than_a_piece_is_cut_inside_and_keeps_its_text(tmp_path, monkeypatch):
     monkeypatch.setattr(l1.data, "PIECE_CHARS", 97)
     docs = make_documents(20) + ["x" * 3000 + " the end", "-" * 500 + "\n" * 300 + "  " * 200]
