@@ -1,8 +1,8 @@
 """Corpus preparation at growing sizes: peak memory, speed against raw `tokenizers`, a killed
-preparation resumed, and the data loader's share of a training step.
+preparation resumed, one long document, and the data loader's share of a training step.
 
-    python -m bench.data                                  # 100, 500 and 2000 MB corpora (the lead's run)
-    python -m bench.data --sizes_mb 5 10 --kill_mb 10     # smoke run: seconds
+    python -m bench.data                                  # 100, 500 and 2000 MB corpora, 50 and 500 MB documents
+    python -m bench.data --sizes_mb 5 10 --kill_mb 10 --long_mb 2     # smoke run: a minute
 
 Each corpus is the shared Wikipedia sample repeated (each copy's documents get new ids) up to the
 size, written as parquet into a temporary folder that is deleted at the end. Each preparation runs
