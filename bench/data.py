@@ -7,14 +7,15 @@ preparation resumed, one long document, and the data loader's share of a trainin
 Each corpus is the shared Wikipedia sample repeated (each copy's documents get new ids) up to the
 size, written as parquet into a temporary folder that is deleted at the end. Each preparation runs
 in its own process, as `train_gpu_compatible.py` would run it (tokenizer trained on the default
-sample, then streamed tokenization into shards), and its peak RSS is that process's (and its
-tokenizer-training child's) from wait4. Its tokenization speed (read, encode, write) is compared
-with raw `encode_batch` (and `encode_batch_fast`, which skips offsets) of the same tokenizer on the
-same documents, in the same batches, timing the encode calls only. Then the --kill_mb preparation
-is run again into a fresh folder, SIGKILLed at a random instant, and run once more: its shards must
-equal the uninterrupted preparation's and decode to the source documents exactly. Last, the
-loader's share: BatchIterator.next() over the shards at the tiny preset's batch (16 x 256) against
-a forward + backward of the tiny preset's GPT. Prints one JSON object per measurement.
+sample, then streamed tokenization into shards), and its peak RSS is that process's (VmHWM) or its
+tokenizer-training child's, whichever is larger (bench.common.peak_rss_bytes). Its tokenization
+speed (read, encode, write) is compared with raw `encode_batch` (and `encode_batch_fast`, which
+skips offsets) of the same tokenizer on the same documents, in the same batches, timing the encode
+calls only. Then the --kill_mb preparation is run again into a fresh folder, SIGKILLed at a random
+instant, and run once more: its shards must equal the uninterrupted preparation's and decode to the
+source documents exactly. Last, the loader's share: BatchIterator.next() over the shards at the tiny
+preset's batch (16 x 256) against a forward + backward of the tiny preset's GPT. Prints one JSON
+object per measurement.
 
     python -m bench.data --long_mb 50 500 --sizes_mb     # only the long documents
 
@@ -43,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.common import emit, interleaved, machine
+from bench.common import emit, interleaved, machine, peak_rss_bytes
 from l1.config import DataConfig, resolve
 from l1.data import BatchIterator, PreparedData, batched, documents, prepare, split_mask
 from l1.model import GPT
@@ -72,6 +73,7 @@ def main(argv=None) -> None:
         settings = json.loads(args.child)
         vocab_size = settings.pop("vocab_size")
         prepare(DataConfig(**settings), vocab_size, seed=0, log=lambda line: print(line, file=sys.stderr, flush=True))
+        print(json.dumps({"peak_rss": peak_rss_bytes()}))  # its own and the tokenizer-training child's
         return
     if args.sizes_mb and args.kill_mb not in args.sizes_mb:
         parser.error("--kill_mb must be one of --sizes_mb (its uninterrupted preparation is the reference)")
@@ -134,17 +136,18 @@ def settings_for(args, corpus: Path, data_dir: Path) -> dict:
             "vocab_size": args.vocab_size}
 
 
-def prepare_in_child(settings: dict, kill_after: float | None = None) -> tuple[float, int, int]:
-    """(seconds, peak RSS in bytes, exit status) of one preparation in its own process."""
+def prepare_in_child(settings: dict, kill_after: float | None = None) -> tuple[float, int | None, int]:
+    """(seconds, peak RSS in bytes or None if killed, exit status) of one preparation in its own process."""
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "bench.data", "--child", json.dumps(settings)], cwd=REPO,
-                            stderr=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     if kill_after is not None:
         time.sleep(kill_after)
         os.kill(proc.pid, signal.SIGKILL)  # not Popen's send_signal, which may reap the child first
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - started, usage.ru_maxrss * 1024, proc.returncode
+    out = proc.stdout.read()
+    proc.wait()
+    peak = json.loads(out.splitlines()[-1])["peak_rss"] if proc.returncode == 0 else None
+    return time.perf_counter() - started, peak, proc.returncode
 
 
 def prepared_in_child(settings: dict, what: str) -> tuple[float, int]:
