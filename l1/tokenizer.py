@@ -138,7 +138,8 @@ class Tokenizer:
 def _die_with_parent(parent: int) -> None:
     """End this process as soon as process `parent` ends, however it ends (SIGKILL included), so that a
     killed trainer leaves no child training for minutes: Linux sends this process SIGKILL when its
-    parent dies (prctl PR_SET_PDEATHSIG); elsewhere a thread notices that the parent's id changed (a
+    parent dies (prctl PR_SET_PDEATHSIG; strictly, when the thread that started it ends, and that one
+    waits for this process in Tokenizer.train); elsewhere a thread notices that the parent's id changed (a
     process whose parent died is adopted by another; the trainer runs in Rust with the GIL released)."""
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
