@@ -1,20 +1,29 @@
 """Corpus preparation at growing sizes: peak memory, speed against raw `tokenizers`, a killed
-preparation resumed, and the data loader's share of a training step.
+preparation resumed, one long document, and the data loader's share of a training step.
 
-    python -m bench.data                                  # 100, 500 and 2000 MB corpora (the lead's run)
-    python -m bench.data --sizes_mb 5 10 --kill_mb 10     # smoke run: seconds
+    python -m bench.data                                  # 100, 500 and 2000 MB corpora, 50 and 500 MB documents
+    python -m bench.data --sizes_mb 5 10 --kill_mb 10 --long_mb 2     # smoke run: a minute
 
 Each corpus is the shared Wikipedia sample repeated (each copy's documents get new ids) up to the
 size, written as parquet into a temporary folder that is deleted at the end. Each preparation runs
 in its own process, as `train_gpu_compatible.py` would run it (tokenizer trained on the default
-sample, then streamed tokenization into shards), and its peak RSS is that process's (and its
-tokenizer-training child's) from wait4. Its tokenization speed (read, encode, write) is compared
-with raw `encode_batch` (and `encode_batch_fast`, which skips offsets) of the same tokenizer on the
-same documents, in the same batches, timing the encode calls only. Then the --kill_mb preparation
-is run again into a fresh folder, SIGKILLed at a random instant, and run once more: its shards must
-equal the uninterrupted preparation's and decode to the source documents exactly. Last, the
-loader's share: BatchIterator.next() over the shards at the tiny preset's batch (16 x 256) against
-a forward + backward of the tiny preset's GPT. Prints one JSON object per measurement.
+sample, then streamed tokenization into shards), and its peak RSS is that process's (VmHWM) or its
+tokenizer-training child's, whichever is larger (bench.common.peak_rss_bytes). Its tokenization
+speed (read, encode, write) is compared with raw `encode_batch` (and `encode_batch_fast`, which
+skips offsets) of the same tokenizer on the same documents, in the same batches, timing the encode
+calls only. Then the --kill_mb preparation is run again into a fresh folder, SIGKILLed at a random
+instant, and run once more: its shards must equal the uninterrupted preparation's and decode to the
+source documents exactly. Last, the loader's share: BatchIterator.next() over the shards at the tiny
+preset's batch (16 x 256) against a forward + backward of the tiny preset's GPT. Prints one JSON
+object per measurement.
+
+    python -m bench.data --long_mb 50 500 --sizes_mb     # only the long documents
+
+A long document (--long_mb): one .txt file of that many MB on a single line (the sample's documents
+joined by spaces, repeated), beside 1,000 of the sample's documents, prepared with the default
+settings as above (the tokenizer's sample ends with the document that crosses it: the whole long
+one); its peak RSS and time, with the documents and text bytes it counted. --long_kinds parquet jsonl
+gives the long document as a parquet row or a .jsonl line instead.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.common import emit, interleaved, machine
+from bench.common import emit, interleaved, machine, peak_rss_bytes
 from l1.config import DataConfig, resolve
 from l1.data import BatchIterator, PreparedData, batched, documents, prepare, split_mask
 from l1.model import GPT
@@ -48,7 +57,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default="../shared/data/wikipedia-sample",
                         help="a folder of parquet files; a relative path is taken from the repository root")
-    parser.add_argument("--sizes_mb", type=float, nargs="+", default=[100, 500, 2000], help="corpus sizes (MB of text)")
+    parser.add_argument("--sizes_mb", type=float, nargs="*", default=[100, 500, 2000], help="corpus sizes (MB of text)")
+    parser.add_argument("--long_mb", type=float, nargs="*", default=[50, 500],
+                        help="sizes of a single-line document (MB) prepared beside a few short ones")
+    parser.add_argument("--long_kinds", nargs="+", default=["txt"], choices=["txt", "parquet", "jsonl"],
+                        help="the long document as a .txt file, a parquet row or a .jsonl line")
     parser.add_argument("--kill_mb", type=float, default=500, help="the size whose preparation is killed and resumed")
     parser.add_argument("--vocab_size", type=int, default=4096)
     parser.add_argument("--shard_tokens", type=int, default=DataConfig.shard_tokens,
@@ -60,8 +73,9 @@ def main(argv=None) -> None:
         settings = json.loads(args.child)
         vocab_size = settings.pop("vocab_size")
         prepare(DataConfig(**settings), vocab_size, seed=0, log=lambda line: print(line, file=sys.stderr, flush=True))
+        print(json.dumps({"peak_rss": peak_rss_bytes()}))  # its own and the tokenizer-training child's
         return
-    if args.kill_mb not in args.sizes_mb:
+    if args.sizes_mb and args.kill_mb not in args.sizes_mb:
         parser.error("--kill_mb must be one of --sizes_mb (its uninterrupted preparation is the reference)")
     work = Path(tempfile.mkdtemp(prefix="l1-bench-data-"))
     try:
@@ -93,22 +107,55 @@ def make_corpus(source: Path, folder: Path, megabytes: float) -> int:
     return written
 
 
+def make_long_document(source: Path, folder: Path, megabytes: float, kind: str) -> int:
+    """1,000 of the source's documents as parquet and one document of `megabytes` MB of their text on a
+    single line (no newline): a .txt file (written in slices), a parquet row or a .jsonl line; returns
+    the long document's bytes."""
+    folder.mkdir(parents=True)
+    table = pq.read_table(sorted(source.glob("*.parquet"))[0], columns=["id", "text"])
+    pq.write_table(table.slice(0, 1000), folder / "a.parquet")
+    text = " ".join(" ".join(table.column("text").to_pylist()).split())  # about 30 MB, whitespace made single spaces
+    budget, written = int(megabytes * 1e6), 0
+    with open(folder / "long.txt", "w", encoding="utf-8") as f:
+        while written < budget:
+            data = text.encode("utf-8")[:budget - written].decode("utf-8", "ignore") + " "
+            f.write(data)
+            written += len(data.encode("utf-8"))
+    if kind != "txt":
+        long = (folder / "long.txt").read_text(encoding="utf-8")
+        (folder / "long.txt").unlink()
+        if kind == "parquet":
+            pq.write_table(pa.table({"text": [long]}), folder / "long.parquet")
+        else:
+            (folder / "long.jsonl").write_text(json.dumps({"text": long}) + "\n")
+    return written
+
+
 def settings_for(args, corpus: Path, data_dir: Path) -> dict:
     return {"data": str(corpus), "data_dir": str(data_dir), "shard_tokens": args.shard_tokens,
             "vocab_size": args.vocab_size}
 
 
-def prepare_in_child(settings: dict, kill_after: float | None = None) -> tuple[float, int, int]:
-    """(seconds, peak RSS in bytes, exit status) of one preparation in its own process."""
+def prepare_in_child(settings: dict, kill_after: float | None = None) -> tuple[float, int | None, int]:
+    """(seconds, peak RSS in bytes or None if killed, exit status) of one preparation in its own process."""
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "bench.data", "--child", json.dumps(settings)], cwd=REPO,
-                            stderr=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     if kill_after is not None:
         time.sleep(kill_after)
         os.kill(proc.pid, signal.SIGKILL)  # not Popen's send_signal, which may reap the child first
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - started, usage.ru_maxrss * 1024, proc.returncode
+    out = proc.stdout.read()
+    proc.wait()
+    peak = json.loads(out.splitlines()[-1])["peak_rss"] if proc.returncode == 0 else None
+    return time.perf_counter() - started, peak, proc.returncode
+
+
+def prepared_in_child(settings: dict, what: str) -> tuple[float, int]:
+    """(seconds, peak RSS in bytes) of one preparation in its own process, which must succeed."""
+    seconds, peak_rss, status = prepare_in_child(settings)
+    if status != 0:
+        raise SystemExit(f"preparing {what} failed (exit {status})")
+    return seconds, peak_rss
 
 
 def raw_encode(tokenizer: Tokenizer, cfg: DataConfig, work: Path) -> dict:
@@ -141,9 +188,7 @@ def run(args, work: Path) -> None:
         corpus = work / f"corpus-{megabytes:g}"
         text_bytes = make_corpus(source, corpus, megabytes)
         settings = settings_for(args, corpus, work / "data")
-        seconds, peak_rss, status = prepare_in_child(settings)
-        if status != 0:
-            raise SystemExit(f"preparing {megabytes:g} MB failed (exit {status})")
+        seconds, peak_rss = prepared_in_child(settings, f"{megabytes:g} MB")
         data = prepared[megabytes] = opened(settings)
         meta = data.meta
         raw = raw_encode(data.tokenizer, DataConfig(data=str(corpus)), work)
@@ -157,7 +202,30 @@ def run(args, work: Path) -> None:
              bytes_per_token=round(data.bytes_per_token("train"), 3))
         if megabytes == args.kill_mb:
             kill_and_resume(args, corpus, data, seconds, work)
-    loader_share(prepared[max(prepared)].tokens("train"), args.repeats)
+    for kind in args.long_kinds:
+        for megabytes in args.long_mb:
+            long_document(args, source, megabytes, kind, work)
+    if prepared:
+        loader_share(prepared[max(prepared)].tokens("train"), args.repeats)
+
+
+def long_document(args, source: Path, megabytes: float, kind: str, work: Path) -> None:
+    """Peak RSS and time of preparing a corpus with one single-line document of `megabytes` MB."""
+    corpus = work / f"long-{megabytes:g}"
+    long_bytes = make_long_document(source, corpus, megabytes, kind)
+    settings = settings_for(args, corpus, work / "data-long")
+    seconds, peak_rss = prepared_in_child(settings, f"a {megabytes:g} MB document")
+    meta = opened(settings).meta
+    splits = meta["splits"]
+    emit(kind="long_document", format=kind, document_mb=round(long_bytes / 1e6, 1),
+         peak_rss_mb=round(peak_rss / 2**20, 1),
+         seconds=round(seconds, 1), tokenizer_train_s=round(meta["tokenizer_train_seconds"], 1),
+         tokenize_mb_per_s=round(meta["tokenize_mb_per_s"], 3),
+         documents=splits["train"]["documents"] + splits["val"]["documents"],
+         text_mb=round((splits["train"]["text_bytes"] + splits["val"]["text_bytes"]) / 1e6, 1),
+         tokens=splits["train"]["tokens"] + splits["val"]["tokens"])
+    shutil.rmtree(corpus)
+    shutil.rmtree(work / "data-long")
 
 
 def kill_and_resume(args, corpus: Path, reference: PreparedData, seconds: float, work: Path) -> None:

@@ -26,6 +26,7 @@ reads is never rewritten. A reused folder's shards are checked against their siz
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import hashlib
@@ -45,6 +46,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from l1.config import DataConfig
@@ -59,6 +61,8 @@ KINDS = ".parquet, .jsonl, .json or .txt"  # .tokens: WikiText's plain text, rea
 SPLITS = ("train", "val")
 ENCODE_BATCH_BYTES = 4 << 20  # text per encode call: thousands of documents for every core, a bounded buffer
 SPLIT_BLOCK = 4096  # documents per seeded draw of the split
+PIECE_CHARS = 1 << 20  # a longer document is read, encoded and written in pieces (_cut): memory stays bounded
+PARAGRAPH_BREAK = re.compile(r"\n\s*\n")  # where a lone document is split into documents
 LOCAL_EXAMPLE = "--data ../shared/data/wikipedia-sample"
 
 
@@ -215,21 +219,83 @@ def _readers(cfg: DataConfig, cache_dir: Path, log) -> list[tuple[str, str, part
     for kind, group in itertools.groupby(files, key=lambda p: LOADERS[p.suffix.lower()]):
         group = [str(p) for p in group]
         origin = group[0] if len(group) == 1 else f"{len(group)} {kind} files of {cfg.data}"
-        options = {"sample_by": "document", "encoding_errors": "replace"} if kind == "text" else {}
-        readers.append((origin, "text" if kind == "text" else cfg.text_column,
-                        partial(datasets.load_dataset, kind, data_files=group, split="train", streaming=True,
-                                cache_dir=str(cache_dir), **options)))
+        if kind == "text":  # not datasets' reader: it holds a whole file in memory (three times)
+            readers.append((origin, None, partial(map, TextFile, group)))
+        else:
+            readers.append((origin, cfg.text_column, partial(datasets.load_dataset, kind, data_files=group,
+                                                             split="train", streaming=True, cache_dir=str(cache_dir))))
     return readers
 
 
+class LongText(abc.ABC):
+    """A document read in chunks, never as one Python str: a .txt file (TextFile), or a long value of
+    a text column (ArrowText)."""
+
+    @abc.abstractmethod
+    def chunks(self) -> Iterator[str]:
+        """The document's text, in order, in chunks of at most PIECE_CHARS characters."""
+
+    def blank(self) -> bool:
+        """Whether the document holds only whitespace (read up to its first other character)."""
+        return all(chunk.isspace() for chunk in self.chunks())
+
+
+class TextFile(LongText):
+    """A .txt file: one document. Decoded as datasets' text reader decodes it (UTF-8, invalid bytes
+    replaced by U+FFFD, universal newlines), so the prepared bytes are those that reader gave."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def chunks(self) -> Iterator[str]:
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                while chunk := f.read(PIECE_CHARS):
+                    yield chunk
+        except OSError as exc:
+            raise L1Error(f"cannot read {self.path}: {exc.strerror or exc}") from None
+
+
+class ArrowText(LongText):
+    """A text value of an Arrow column longer than PIECE_CHARS bytes, decoded from Arrow's buffer a
+    slice at a time (Arrow holds valid UTF-8; a slice ends before a continuation byte)."""
+
+    def __init__(self, value: pa.Scalar):
+        self.value = value
+
+    def chunks(self) -> Iterator[str]:
+        data = memoryview(self.value.as_buffer())
+        start = 0
+        while start < len(data):
+            end = min(start + PIECE_CHARS, len(data))
+            while end < len(data) and data[end] & 0xC0 == 0x80:
+                end -= 1
+            yield str(data[start:end], "utf-8")
+            start = end
+
+
+def _values(column: pa.ChunkedArray) -> Iterator:
+    """A text column's values: str (or None), and an ArrowText for each longer than PIECE_CHARS bytes."""
+    for array in column.chunks:
+        if pa.types.is_null(array.type) or (pc.max(pc.binary_length(array)).as_py() or 0) <= PIECE_CHARS:
+            yield from array.to_pylist()
+        else:
+            for value in array:
+                yield ArrowText(value) if value.is_valid and len(value.as_buffer()) > PIECE_CHARS else value.as_py()
+
+
 def _texts(cfg: DataConfig, cache_dir: Path, log) -> Iterator:
-    """The values of the text column, streamed in Arrow batches (no per-row formatting of the other
-    columns)."""
+    """The documents of the source: the values of the text column (str or None; ArrowText if long),
+    streamed in Arrow batches (no per-row formatting of the other columns), and a TextFile for each
+    .txt file."""
     import datasets
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     for origin, column, open_dataset in _readers(cfg, cache_dir, log):
+        if column is None:
+            yield from open_dataset()
+            continue
         try:
             for table in open_dataset().with_format("arrow").iter(batch_size=1024):
                 if column not in table.column_names:
@@ -238,7 +304,7 @@ def _texts(cfg: DataConfig, cache_dir: Path, log) -> Iterator:
                 kind = table.schema.field(column).type
                 if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
                     raise L1Error(f"the '{column}' column of {origin} holds {kind}, not text")
-                yield from table.column(column).to_pylist()
+                yield from _values(table.column(column))
         except L1Error:
             raise
         except Exception as exc:  # datasets, pyarrow and the network raise many types
@@ -246,46 +312,159 @@ def _texts(cfg: DataConfig, cache_dir: Path, log) -> Iterator:
             raise L1Error(f"cannot read {origin}: {str(exc).strip().splitlines()[0][:300]}{hint}") from None
 
 
-def documents(cfg: DataConfig, cache_dir: Path, log) -> Iterator[str]:
+def _pieces(chunks: Iterator[str]) -> Iterator[str]:
+    """A document's text (given in chunks) in pieces of at most PIECE_CHARS characters, cut where the
+    tokenizer's pre-tokenizer starts a new word anyway (see _cut)."""
+    rest = ""
+    for chunk in chunks:
+        text, start = rest + chunk, 0  # text is chunk itself (no copy) for a document given whole
+        while len(text) - start > PIECE_CHARS:
+            cut = _cut(text, start, start + PIECE_CHARS)
+            yield text[start:cut]
+            start = cut
+        rest = text[start:]
+    if rest:
+        yield rest
+
+
+def _cut(text: str, start: int, end: int) -> int:
+    r"""Where the piece from `start` ends: before the last space in text[start + 1:end] that follows a
+    character other than whitespace; `end` if there is none (a 'word' of PIECE_CHARS characters).
+
+    GPT-2's pattern ('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+), the
+    encoding pre-tokenizer, always ends a word after a character X other than whitespace when a space
+    follows: no alternative holds a space after another character (a space only leads ' ?...', and the
+    two whitespace alternatives hold no X). Its next match starts at that space (one of the ' ?...'
+    alternatives or a whitespace one), and no alternative looks behind, so both halves split into the
+    same words as the whole. BPE merges within words only, so the pieces encode to the ids of the
+    whole. The trainer's pre-tokenizer (training_pre_tokenizer) first cuts runs of non-space
+    characters, which a space bounds, so it splits the halves into the same words too. A cut at `end`
+    (no such space within PIECE_CHARS characters) may encode differently; the whole document would have
+    needed about 100 bytes of memory per character to encode."""
+    pos = text.rfind(" ", start + 1, end)
+    while pos > start and text[pos - 1].isspace():  # isspace() covers every character \s matches
+        pos = text.rfind(" ", start + 1, pos)
+    return pos if pos > start else end
+
+
+def _ended(pieces: Iterator[str]) -> Iterator[tuple[str, bool]]:
+    """Each piece of one document with whether it is the last."""
+    held = next(pieces, None)
+    for piece in pieces:
+        yield held, False
+        held = piece
+    if held is not None:
+        yield held, True
+
+
+def _paragraphs(pieces: Iterator[str]) -> Iterator[tuple[str, bool]]:
+    """The non-blank paragraphs (split at blank lines: PARAGRAPH_BREAK) of one document given in pieces, in
+    pieces: (text, whether it ends its paragraph). A blank line is whitespace, which _cut never cuts
+    (it cuts after a character other than whitespace), so each one lies within a piece."""
+    held, text_seen = [], False  # the paragraph's pieces not yet yielded; whether one is not blank
+    for piece in pieces:
+        for k, part in enumerate(PARAGRAPH_BREAK.split(piece)):
+            if k and held:  # a blank line: the paragraph before it is complete
+                if text_seen:
+                    yield held[-1], True
+                held, text_seen = [], False
+            if part:
+                held.append(part)
+                text_seen = text_seen or not part.isspace()
+            if text_seen:  # all but the last, which may yet end the paragraph
+                yield from ((p, False) for p in held[:-1])
+                del held[:-1]
+    if text_seen:
+        yield held[-1], True
+
+
+def _chunks(doc) -> Iterator[str]:
+    return doc.chunks() if isinstance(doc, LongText) else iter((doc,))
+
+
+def pieces(cfg: DataConfig, cache_dir: Path, log) -> Iterator[tuple[str, bool]]:
     """The non-empty documents of the source in source order, streamed, at most max_docs (datasets
-    keeps its lock files of local sources in cache_dir). A source of a single document yields its
-    paragraphs instead, so that a split exists."""
-    texts = (t for t in _texts(cfg, cache_dir, log) if t and not t.isspace())
+    keeps its lock files of local sources in cache_dir), each in pieces of at most PIECE_CHARS
+    characters: (text, whether it ends its document). A source of a single document yields its
+    paragraphs instead, so that a split exists. Memory does not grow with a document's length."""
+    skipped = 0
+
+    def with_text():
+        nonlocal skipped
+        for text in _texts(cfg, cache_dir, log):
+            if text.blank() if isinstance(text, LongText) else not text or text.isspace():
+                skipped += 1
+            else:
+                yield text
+
+    docs = with_text()
     if cfg.max_docs:
-        texts = itertools.islice(texts, cfg.max_docs)
-    head = list(itertools.islice(texts, 2))
+        docs = itertools.islice(docs, cfg.max_docs)
+    head = list(itertools.islice(docs, 2))
     if len(head) < 2:
-        head = [p for p in re.split(r"\n\s*\n", head[0]) if p.strip()] if head else []
         if not head:
-            raise L1Error(f"--data {cfg.data}: no text found")
-        if len(head) < 2:
-            raise L1Error(f"--data {cfg.data} holds a single document; at least 2 are needed for a validation split")
-    replaced = 0
-    for doc in itertools.chain(head, texts):
-        replaced += "\ufffd" in doc
-        yield doc
+            raise L1Error(f"--data {cfg.data}: no text found" + (f" ({skipped} row(s) without text: none, empty or "
+                                                                 "only whitespace)" if skipped else ""))
+        stream = _paragraphs(_pieces(_chunks(head[0])))
+        if sum(1 for _ in itertools.islice((e for _, e in stream if e), 2)) < 2:
+            raise L1Error(_single_document(cfg, isinstance(head[0], TextFile)))
+        stream = _paragraphs(_pieces(_chunks(head[0])))
+    else:
+        stream = (p for doc in itertools.chain(head, docs) for p in _ended(_pieces(_chunks(doc))))
+    replaced, fffd = 0, False
+    for piece, end in stream:
+        fffd = fffd or "\ufffd" in piece
+        yield piece, end
+        if end:
+            replaced, fffd = replaced + fffd, False
+    if skipped:
+        log(f"skipped {skipped} row(s) without text (none, empty or only whitespace)")
     if replaced:
         log(f"{replaced} document(s) contain U+FFFD, the replacement character (e.g. for invalid UTF-8)")
 
 
-def batched(docs: Iterator[str]) -> Iterator[list[str]]:
-    """Consecutive documents in lists of about ENCODE_BATCH_BYTES of text."""
-    batch, size = [], 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc)
-        if size >= ENCODE_BATCH_BYTES:
+def _single_document(cfg: DataConfig, text_file: bool) -> str:
+    """Why a source of one document without paragraphs cannot be split, and what to do."""
+    if text_file:
+        return (f"--data {cfg.data} holds a single document: L1 reads each .txt file as one document and "
+                "splits a lone document into paragraphs at blank lines, and this one has none; at least 2 "
+                "are needed for a validation split: for one document per line, put a blank line between "
+                "documents, or one document per .txt file, or write them as .jsonl (one {\"text\": ...} per line)")
+    return (f"--data {cfg.data} holds a single document without blank lines to split it into paragraphs; "
+            "at least 2 are needed for a validation split")
+
+
+def documents(cfg: DataConfig, cache_dir: Path, log) -> Iterator[str]:
+    """The documents of pieces(), each whole: for a tool that holds its text in memory anyway (l1.eval)."""
+    parts = []
+    for piece, end in pieces(cfg, cache_dir, log):
+        parts.append(piece)
+        if end:
+            yield "".join(parts)
+            parts = []
+
+
+def batched(items: Iterator, size=len) -> Iterator[list]:
+    """Consecutive items (documents, or pieces with size=...) in lists of about ENCODE_BATCH_BYTES
+    characters of text."""
+    batch, total = [], 0
+    for item in items:
+        batch.append(item)
+        total += size(item)
+        if total >= ENCODE_BATCH_BYTES:
             yield batch
-            batch, size = [], 0
+            batch, total = [], 0
     if batch:
         yield batch
 
 
-def end_of_text_joined(ids: list[list[int]], eot_id: int, dtype) -> np.ndarray:
-    """The documents' ids as one stream, an end-of-text id after each: the trainer's token stream."""
+def end_of_text_joined(ids: list[list[int]], eot_id: int, dtype, ends: np.ndarray | None = None) -> np.ndarray:
+    """The documents' ids as one stream, an end-of-text id after each: the trainer's token stream. With
+    `ends` the ids are pieces, and only those where ends is True close their document."""
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
-    return np.insert(flat, np.cumsum(lengths), eot_id)
+    positions = np.cumsum(lengths)
+    return np.insert(flat, positions if ends is None else positions[ends], eot_id)
 
 
 # ---- the split ----------------------------------------------------------------------------------
@@ -305,37 +484,45 @@ def split_mask(first: int, n: int, fraction: float, seed: int) -> np.ndarray:
 
 @dataclass
 class Batch:
-    """Consecutive documents of the source, from index `first`, each marked for validation or not."""
+    """Consecutive pieces of the source's documents (one piece each, unless a document is longer than
+    PIECE_CHARS), each marked for validation or not."""
 
-    first: int
+    first: int  # the index of docs[0] among the source's pieces: where preparing it again starts
     docs: list[str]
     is_val: np.ndarray
+    ends: np.ndarray  # True where a piece is its document's last (an end-of-text follows)
 
 
 def split_batches(cfg: DataConfig, seed: int, cache_dir: Path, log) -> Iterator[Batch]:
-    """The documents in batches, split. If no document drew validation, the last one goes there
-    (a small corpus), so both splits hold one; hence each batch is handed on once the next is read."""
-    pending, first, any_val = None, 0, False
-    for docs in batched(documents(cfg, cache_dir, log)):
+    """The documents in batches of pieces, split by document index: all pieces of a document go to
+    one split. If no document drew validation, the last one goes there (a small corpus), so both splits
+    hold one; hence each batch is handed on once the next is read (of a last document longer than a
+    batch, only its pieces in that batch)."""
+    pending, first, doc, any_val = None, 0, 0, False
+    for group in batched(pieces(cfg, cache_dir, log), size=lambda piece: len(piece[0])):
         if pending:
             yield pending
-        pending = Batch(first, docs, split_mask(first, len(docs), cfg.val_fraction, seed))
-        first += len(docs)
+        ends = np.fromiter((end for _, end in group), dtype=bool, count=len(group))
+        index = np.concatenate([[0], np.cumsum(ends[:-1])])  # each piece's document, counted from `doc`
+        pending = Batch(first, [text for text, _ in group],
+                        split_mask(doc, int(index[-1]) + 1, cfg.val_fraction, seed)[index], ends)
+        first, doc = first + len(group), doc + int(ends.sum())
         any_val = any_val or bool(pending.is_val.any())
     if not any_val:
-        pending.is_val[-1] = True
+        pending.is_val[index == index[-1]] = True
     yield pending
 
 
 def _tokenizer_sample(batches: Iterator[Batch], megabytes: float) -> Iterator[str]:
-    """The first training documents, up to `megabytes` of UTF-8 text."""
+    """The first training documents, in pieces, up to `megabytes` of UTF-8 text (and the rest of the
+    document that crosses it)."""
     budget = megabytes * 1e6
     for batch in batches:
-        for doc, is_val in zip(batch.docs, batch.is_val):
+        for doc, is_val, end in zip(batch.docs, batch.is_val, batch.ends):
             if not is_val:
                 yield doc
                 budget -= len(doc.encode("utf-8"))
-                if budget <= 0:
+                if budget <= 0 and end:
                     return
 
 
@@ -406,10 +593,11 @@ class ShardWriter:
     def _path(self, index: int) -> Path:
         return self.folder / f"{self.split}-{index:06d}.bin"
 
-    def write(self, docs: list[str], ids: list[list[int]], eot_id: int) -> bool:
-        """Append the documents' ids, an end-of-text id after each; True if a shard was completed."""
-        flat = end_of_text_joined(ids, eot_id, self.dtype)
-        self.documents += len(docs)
+    def write(self, docs: list[str], ids: list[list[int]], ends: np.ndarray, eot_id: int) -> bool:
+        """Append the pieces' ids, an end-of-text id after each that ends its document; True if a shard
+        was completed."""
+        flat = end_of_text_joined(ids, eot_id, self.dtype, ends)
+        self.documents += int(ends.sum())
         self.text_bytes += sum(len(d.encode("utf-8")) for d in docs)
         completed = False
         while flat.size:
@@ -629,6 +817,9 @@ def _build(cfg: DataConfig, work: Path, identity: dict, given: Tokenizer | None,
             tokenizer = Tokenizer.train(sample, vocab_size)
             train_seconds = time.perf_counter() - started
             log(f"tokenizer trained in {train_seconds:.1f}s")
+            if tokenizer.vocab_size < vocab_size:  # BPE stops when no pair is left to merge
+                log(f"the trained vocabulary has {tokenizer.vocab_size:,} tokens, fewer than --vocab_size "
+                    f"{vocab_size:,}: its sample has no more pairs to merge (use more text, or a smaller --vocab_size)")
         tokenizer.save(work / "tokenizer.json")
         progress = {"identity": identity, "tokenizer_fingerprint": tokenizer.fingerprint, "next_doc": 0,
                     "splits": {s: ShardWriter.fresh() for s in SPLITS}}
@@ -643,7 +834,8 @@ def _build(cfg: DataConfig, work: Path, identity: dict, given: Tokenizer | None,
             completed = False
             for split, writer in writers.items():
                 mine = np.flatnonzero(batch.is_val == (split == "val"))
-                completed |= writer.write([batch.docs[i] for i in mine], [ids[i] for i in mine], tokenizer.eot_id)
+                completed |= writer.write([batch.docs[i] for i in mine], [ids[i] for i in mine], batch.ends[mine],
+                                          tokenizer.eot_id)
             if completed:
                 _save_json(work / "progress.json", {**progress, "next_doc": batch.first + len(batch.docs),
                                                      "splits": {s: w.state() for s, w in writers.items()}})

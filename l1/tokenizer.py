@@ -6,16 +6,19 @@ prepared corpora and checkpoints.
 
 Training runs in a child process: the Rust trainer is one call of minutes that Python cannot
 interrupt (Ctrl-C is seen only between bytecodes, and a thread left inside it aborts the interpreter's
-exit), while a process can be killed at once.
+exit), while a process can be killed at once. The child dies with its parent, SIGKILL included.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -31,6 +34,8 @@ EOT = "<|endoftext|>"  # separates documents
 # every merge: a 3 MB run without whitespace took over 5 minutes. The trainer sees such runs cut into
 # words of at most this many characters; encoding is unaffected (it applies the merges to any word).
 TRAIN_RUN_CHARS = 128
+END_OF_TEXTS = b"\xff" * 8  # the parent's last record to the training child: no document is that long
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def fingerprint_of(content: str) -> str:
@@ -68,12 +73,14 @@ class Tokenizer:
         package_root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         child = subprocess.Popen([sys.executable, "-c", "from l1.tokenizer import _train_child; _train_child()",
-                                  str(vocab_size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                                  str(vocab_size), str(os.getpid())], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 env=env)
         try:
             try:
                 for text in texts:
                     data = text.encode("utf-8", "surrogatepass")
                     child.stdin.write(len(data).to_bytes(8, "little") + data)
+                child.stdin.write(END_OF_TEXTS)
                 child.stdin.close()
             except BrokenPipeError:  # the child failed; its exit code says so below
                 pass
@@ -129,15 +136,39 @@ class Tokenizer:
         return self.hf.decode(ids, skip_special_tokens=False)
 
 
+def _die_with_parent(parent: int) -> None:
+    """End this process as soon as process `parent` ends, however it ends (SIGKILL included), so that a
+    killed trainer leaves no child training for minutes: Linux sends this process SIGKILL when its
+    parent dies (prctl PR_SET_PDEATHSIG; strictly, when the thread that started it ends, and that one
+    waits for this process in Tokenizer.train); elsewhere a thread notices that the parent's id changed (a
+    process whose parent died is adopted by another; the trainer runs in Rust with the GIL released)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    else:
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # it died before the signal was armed
+        os._exit(1)
+
+
 def _train_child() -> None:
-    """Tokenizer.train's child process: length-prefixed UTF-8 documents on stdin, the trained
-    tokenizer.json on stdout; the vocabulary size is its argument."""
+    """Tokenizer.train's child process: length-prefixed UTF-8 documents on stdin, then END_OF_TEXTS;
+    the trained tokenizer.json on stdout. Its arguments: the vocabulary size and the parent's pid."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it kills this process
+    _die_with_parent(int(sys.argv[2]))
     stdin = sys.stdin.buffer
 
     def texts():
-        while header := stdin.read(8):
-            yield stdin.read(int.from_bytes(header, "little")).decode("utf-8", "surrogatepass")
+        while (header := stdin.read(8)) != END_OF_TEXTS:
+            size = int.from_bytes(header, "little")
+            data = stdin.read(size)
+            if len(header) < 8 or len(data) < size:  # the parent ended before sending all: train nothing
+                os._exit(1)
+            yield data.decode("utf-8", "surrogatepass")
 
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = training_pre_tokenizer()
