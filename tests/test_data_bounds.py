@@ -18,7 +18,7 @@ from conftest import REPO, make_documents, write_parquet
 from l1.config import DataConfig
 from l1.data import _cut, prepare
 from l1.errors import L1Error
-from l1.tokenizer import END_OF_TEXTS, Tokenizer, training_pre_tokenizer
+from l1.tokenizer import END_OF_TEXTS, training_pre_tokenizer
 from test_data import all_documents, decoded_documents, prep, shard_bytes
 
 # Characters around a cut: letters and digits of several scripts, contractions' quote, punctuation,
