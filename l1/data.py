@@ -239,18 +239,19 @@ def _texts(cfg: DataConfig, cache_dir: Path, log) -> Iterator:
             raise L1Error(f"cannot read {origin}: {str(exc).strip().splitlines()[0][:300]}{hint}") from None
 
 
-def documents(cfg: DataConfig, cache_dir: Path, log) -> Iterator[str]:
+def documents(cfg: DataConfig, cache_dir: Path, log, split: bool = True) -> Iterator[str]:
     """The non-empty documents of the source in source order, streamed, at most max_docs (datasets
-    keeps its lock files of local sources in cache_dir). A source of a single document yields its
-    paragraphs instead, so that a split exists."""
+    keeps its lock files of local sources in cache_dir). For a split (training), a source of a single
+    document yields its paragraphs instead, so that a split exists; split=False (evaluation) takes
+    any text as it is."""
     texts = (t for t in _texts(cfg, cache_dir, log) if t and not t.isspace())
     if cfg.max_docs:
         texts = itertools.islice(texts, cfg.max_docs)
     head = list(itertools.islice(texts, 2))
-    if len(head) < 2:
-        head = [p for p in re.split(r"\n\s*\n", head[0]) if p.strip()] if head else []
-        if not head:
-            raise L1Error(f"--data {cfg.data}: no text found")
+    if not head:
+        raise L1Error(f"--data {cfg.data}: no text found")
+    if len(head) < 2 and split:
+        head = [p for p in re.split(r"\n\s*\n", head[0]) if p.strip()]
         if len(head) < 2:
             raise L1Error(f"--data {cfg.data} holds a single document; at least 2 are needed for a validation split")
     replaced = 0

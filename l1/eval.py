@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (best, else latest) or checkpoint files")
     parser.add_argument("--data", required=True, help="text to evaluate on: a .parquet/.jsonl/.json/.txt/.tokens "
                                                       "file or a folder of them, or 'hub'")
+    parser.add_argument("--text_column", default=DataConfig.text_column,
+                        help="column (parquet, hub) or field (jsonl) holding the text (default: text)")
     parser.add_argument("--max_tokens", type=int, default=0, help="evaluate at most this many tokens (0 = all)")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint.find_for_inference(source)
     rt = runtime.setup(args.device)
     with tempfile.TemporaryDirectory(prefix="l1-eval-") as tmp:
-        docs = list(documents(DataConfig(data=args.data), Path(tmp), log=lambda line: print(line, file=sys.stderr)))
+        source = DataConfig(data=args.data, text_column=args.text_column)
+        docs = list(documents(source, Path(tmp), log=lambda line: print(line, file=sys.stderr), split=False))
     for source in args.runs:
         print(json.dumps({"data": args.data, **eval_run(source, docs, rt, args.batch_size, args.max_tokens)}),
               flush=True)

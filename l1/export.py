@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import importlib.util
 import json
 import os
@@ -47,7 +48,7 @@ def export(run_or_checkpoint: str, out_dir: str, force: bool = False) -> Path:
     hf_cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size, pad_vocab_to=1)  # unpadded
     target = out.resolve()  # a name to build a sibling from, even for "."
     staging = target.with_name(f".{target.name}.export-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
+    _remove_stale_staging(target)
     try:
         staging.mkdir(parents=True)
         _write_config(staging, hf_cfg, tokenizer.eot_id)
@@ -153,6 +154,34 @@ def _update_json(path: Path, **values) -> None:
     content = json.loads(path.read_text())
     content.update(values)
     path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """Remove the staging folders (.NAME.export-PID) that killed exports of target left: those whose
+    process no longer runs. A live export's folder, even to the same target, is left alone."""
+    for staging in target.parent.glob(f".{glob.escape(target.name)}.export-*"):
+        pid = staging.name.rpartition("-")[2]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _running(int(pid))):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process of this id runs (on this machine)."""
+    if os.name == "nt":  # os.kill would end it there
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if handle:
+            kernel32.CloseHandle(handle)
+        return bool(handle) or ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: another user's
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _publish(staging: Path, out: Path) -> None:

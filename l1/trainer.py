@@ -6,6 +6,7 @@ device and l1.checkpoint for the run folder. Only the scripts and the tests impo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from l1 import checkpoint, config, plot, runtime
+from l1 import checkpoint, config, files, plot, runtime
 from l1.checkpoint import CheckpointManager
 from l1.config import ModelConfig, TrainConfig
 from l1.data import BatchIterator, PreparedData, eval_batches, prepare
@@ -45,16 +46,11 @@ def configure(overrides: dict, file_values: dict | None = None, fresh: bool = Fa
     preset = overrides.get("preset") or file_values.get("preset") or TrainConfig.preset
     out = Path(overrides.get("out") or file_values.get("out") or f"models/{preset}")
     stored_path = out / TRAINING_ARGS
-    if fresh and out.exists() and any(out.iterdir()):
-        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        with checkpoint.RunLock(out):  # never move a folder that another trainer is writing
-            out.rename(aside)
-        print(f"--fresh: moved the previous run to {aside}")
-    stored = None
-    if stored_path.is_file():
+    stored = None  # --fresh: the run folder's files are moved aside below, after every check has passed
+    if not fresh and stored_path.is_file():
         stored = config.load_json(stored_path)
         _check_config_json(out / "config.json", stored.get("model", {}))
-    elif out.is_dir():
+    elif not fresh and out.is_dir():
         stored = _stored_in_checkpoint(out)
     asked = overrides.get("preset") or file_values.get("preset")
     if stored and asked and asked != stored.get("preset"):
@@ -66,6 +62,11 @@ def configure(overrides: dict, file_values: dict | None = None, fresh: bool = Fa
         _check_max_steps(cfg, (checkpoint.peek(out / checkpoint.LATEST) or {}).get("step", 0))
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise L1Error("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if fresh and out.exists() and any(out.iterdir()):
+        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        with checkpoint.RunLock(out):  # never move a folder that another trainer is writing
+            out.rename(aside)
+        print(f"--fresh: moved the previous run to {aside}")
     return cfg
 
 
@@ -170,9 +171,7 @@ class _LogFile(logging.FileHandler):
     instead of logging's traceback on stderr and a log with holes."""
 
     def handleError(self, record):
-        exc = sys.exc_info()[1]
-        raise L1Error(f"cannot write {self.baseFilename}: {getattr(exc, 'strerror', None) or exc}; the "
-                      "checkpoints are intact: free space, then run the same command to resume") from None
+        raise files.cannot_write(self.baseFilename, sys.exc_info()[1]) from None
 
 
 class _TqdmHandler(logging.Handler):
@@ -203,25 +202,35 @@ def _make_logger(run_dir: Path, writes: bool) -> logging.Logger:
 
 
 class _Metrics:
-    """metrics.jsonl: one JSON object per line, flushed at once, for tools and plots; with
-    --tensorboard the same numbers also go to TensorBoard event files."""
+    """metrics.jsonl: one JSON object per line, written at once, for tools and plots; with
+    --tensorboard the same numbers also go to TensorBoard event files.
+
+    A line is appended whole or not at all: a write that fails (a full disk) is cut back off the
+    file, so neither its readers nor the resumed run's next line meet half a record."""
 
     def __init__(self, run_dir: Path, writes: bool, tensorboard: bool):
-        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if writes else None
-        self.board = None
+        self.path, self.fd, self.board = run_dir / "metrics.jsonl", None, None
+        if writes:
+            try:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise files.cannot_write(self.path, exc) from None
         if writes and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.board = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, **record):
-        if self.file:
+        if self.fd is not None:
+            line = memoryview((json.dumps(record) + "\n").encode("utf-8"))
+            end = os.lseek(self.fd, 0, os.SEEK_END)
             try:
-                self.file.write(json.dumps(record) + "\n")
-                self.file.flush()
+                while line:
+                    line = line[os.write(self.fd, line):]
             except OSError as exc:
-                raise L1Error(f"cannot write {self.file.name}: {exc.strerror or exc}; the checkpoints are "
-                              "intact: free space, then run the same command to resume") from None
+                with contextlib.suppress(OSError):  # a device that cannot be cut (e.g. /dev/full)
+                    os.ftruncate(self.fd, end)
+                raise files.cannot_write(self.path, exc) from None
         if self.board:
             for key, value in record.items():
                 if key not in ("kind", "step", "time") and isinstance(value, (int, float)):
@@ -229,8 +238,9 @@ class _Metrics:
             self.board.flush()
 
     def close(self):
-        if self.file:
-            self.file.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         if self.board:
             self.board.close()
 
@@ -420,7 +430,9 @@ class _Run:
         theirs = {**dataclasses.asdict(ModelConfig()), **state.get("model_config", {})}
         diff = [f"{k} {theirs.get(k)!r} vs {v!r}" for k, v in ours.items() if theirs.get(k) != v]
         if diff:
-            return f"it holds a different model ({', '.join(diff)}, checkpoint vs now)"
+            context = (f"; its context is fixed at block_size {theirs['block_size']}: resume with a --seq_len up to "
+                       "that, a longer one needs a new run" if theirs.get("block_size") != ours["block_size"] else "")
+            return f"it holds a different model ({', '.join(diff)}, checkpoint vs now){context}"
         if state.get("tokenizer_fingerprint") != self.tokenizer.fingerprint:
             return (f"it was trained with tokenizer {state.get('tokenizer_fingerprint')}, "
                     f"not {self.tokenizer.fingerprint}")
