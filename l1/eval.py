@@ -1,12 +1,13 @@
 """Held-out loss, perplexity and bits per byte of trained runs on any text the trainer reads.
 
     python -m l1.eval models/tiny [models/other ...] --data ../shared/data/wikitext-2/wiki.test.tokens
-                      [--max_tokens N] [--batch_size 8] [--device auto]
+                      [--max_tokens N] [--batch_size 8] [--device auto] [--text_column text]
 
 Each RUN is a run folder (its best checkpoint, else its latest) or a checkpoint file. The text
 (a .parquet/.jsonl/.json/.txt/.tokens file or a folder of them, or 'hub') is read as the trainer
 reads it and tokenized as the trainer tokenizes it, with each run's own tokenizer: an end-of-text
-token after each document. One JSON object per run is printed, one per line.
+token after each document (a text of one document is one document here: there is no split to make).
+One JSON object per run is printed, one per line.
 
 - The token stream is cut into non-overlapping windows of the model's block_size, each window
   predicting its own tokens only (the last one may be shorter): the same windows as the trainer's
