@@ -20,7 +20,7 @@ from l1 import files
 from l1.errors import L1Error
 
 MIN_VOCAB = 257  # a byte-level BPE: 256 byte symbols + the end-of-text token
-MAX_VOCAB = 2 ** 32  # prepared token ids are uint32 at most
+MAX_VOCAB = 2 ** 24  # the BPE trainer reserves ~66 bytes per entry up front (2**32 failed to allocate 280 GB)
 MAX_PARAMS = 2 ** 40  # 1.1 trillion: beyond it no machine holds the weights, and shapes near int64's end overflow
 MAX_BLOCK_SIZE = 2 ** 20  # the rotary tables and the decoding cache are allocated for the whole context
 MAX_MINUTES = 10 ** 7  # 19 years; in seconds (x 60) and durations, larger budgets overflow

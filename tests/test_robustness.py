@@ -114,12 +114,16 @@ def test_head_takes_ten_bytes_of_a_streamed_sample(run_copy):
 
 # ---- numbers out of range, given or stored -----------------------------------------------------------
 
-def test_a_time_budget_beyond_range_is_refused_in_one_line(corpus, tmp_path):
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max_minutes", "1e308", "max_minutes must be at most 10,000,000"),  # was: OverflowError in the first log line
+    ("--lr", "1e308", "lr must be a finite number at most 1e+30"),  # was: RuntimeError in the optimizer's step
+    ("--vocab_size", str(2 ** 32), "vocab_size must be at most 16,777,216"),  # was: the BPE trainer aborted
+])
+def test_a_number_beyond_range_is_refused_in_one_line_before_any_work(corpus, tmp_path, flag, value, message):
     args = tiny_args(corpus, tmp_path)
-    del args[args.index("--max_steps"):args.index("--max_steps") + 2]  # the budget alone sets the run's length
-    line = refused(run("train", *args, "--max_minutes", "1e308"))
-    assert "max_minutes must be at most 10,000,000" in line
-    assert not (tmp_path / "run").exists()
+    del args[args.index("--max_steps"):args.index("--max_steps") + 2]  # a budget alone sets the run's length
+    assert message in refused(run("train", *args, flag, value))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
 
 
 def test_a_stored_value_beyond_range_is_refused_and_the_flag_mends_it(run_copy):
