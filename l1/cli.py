@@ -1,11 +1,12 @@
-"""The one wrapper every command line (train, generate, export, info, plot) runs inside.
+"""The one wrapper every command line (train, generate, eval, export, info, plot) runs inside.
 
 A user-facing error (L1Error) becomes one `error: ...` line on stderr and exit status 2; Ctrl-C
 outside the trainer's own handling (data preparation, loading, sampling) becomes one line and exit
 status 130, the shell's code for SIGINT; so does SIGTERM (a scheduler, `timeout`, `docker stop`),
 which would otherwise end the process without a word or its clean-ups. A reader of the output
-that leaves early (`| head`) ends the command quietly with exit status 0, as Unix tools do. Bugs keep
-their traceback.
+that leaves early (`| head`) ends the command quietly with exit status 0, as Unix tools do. A path
+with a name longer than the file system allows is bad input wherever it is met: one line too. Bugs
+keep their traceback.
 """
 
 from __future__ import annotations
