@@ -22,6 +22,7 @@ from l1.errors import L1Error
 MIN_VOCAB = 257  # a byte-level BPE: 256 byte symbols + the end-of-text token
 MAX_VOCAB = 2 ** 24  # the BPE trainer reserves ~66 bytes per entry up front (2**32 failed to allocate 280 GB)
 MAX_PARAMS = 2 ** 40  # 1.1 trillion: beyond it no machine holds the weights, and shapes near int64's end overflow
+MAX_PAD_VOCAB = 2 ** 16  # a multiple for the matmuls' tiles (64-256 in practice); beyond, it only adds rows
 MAX_BLOCK_SIZE = 2 ** 20  # the rotary tables and the decoding cache are allocated for the whole context
 MAX_MINUTES = 10 ** 7  # 19 years; in seconds (x 60) and durations, larger budgets overflow
 MAX_FLOAT = 1e30  # torch turns float knobs into float32 (3.4e38 at most) and multiplies some (lr x Muon's scale)
@@ -78,7 +79,7 @@ class ModelConfig:
         if self.vocab_size < MIN_VOCAB:
             raise L1Error(f"vocab_size must be at least {MIN_VOCAB} for a byte-level BPE (256 bytes + end-of-text), "
                           f"got {self.vocab_size}")
-        _require_at_most(self, vocab_size=MAX_VOCAB, block_size=MAX_BLOCK_SIZE)
+        _require_at_most(self, vocab_size=MAX_VOCAB, block_size=MAX_BLOCK_SIZE, pad_vocab_to=MAX_PAD_VOCAB)
         if not 0.0 <= self.dropout < 1.0:
             raise L1Error(f"dropout must be in [0, 1), got {self.dropout}")
         if self.mlp not in MLP_KINDS:

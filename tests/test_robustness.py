@@ -118,6 +118,7 @@ def test_head_takes_ten_bytes_of_a_streamed_sample(run_copy):
     ("--max_minutes", "1e308", "max_minutes must be at most 10,000,000"),  # was: OverflowError in the first log line
     ("--lr", "1e308", "lr must be a finite number at most 1e+30"),  # was: RuntimeError in the optimizer's step
     ("--vocab_size", str(2 ** 32), "vocab_size must be at most 16,777,216"),  # was: the BPE trainer aborted
+    ("--pad_vocab_to", str(2 ** 32), "pad_vocab_to must be at most 65,536"),  # was: a 1 TB embedding's allocation
 ])
 def test_a_number_beyond_range_is_refused_in_one_line_before_any_work(corpus, tmp_path, flag, value, message):
     args = tiny_args(corpus, tmp_path)
