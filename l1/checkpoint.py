@@ -533,7 +533,7 @@ def find_for_inference(model_path: str | None, models_root: Path = Path("models"
         if path.is_file():
             return [path]
         if not path.is_dir():
-            raise CheckpointError(f"--model_path {path} does not exist (expected a run folder or a .pt file)")
+            raise CheckpointError(f"{path} does not exist (expected a run folder or a .pt file)")
         runs = [path]
     else:
         runs = [d for d in Path(models_root).glob("*") if d.is_dir()] if Path(models_root).is_dir() else []
@@ -544,9 +544,9 @@ def find_for_inference(model_path: str | None, models_root: Path = Path("models"
         if found:
             return found
     where = model_path or f"{models_root}/*/"
+    other = "" if model_path else " or pass --model_path"  # only generate_simple.py looks for the newest run
     raise CheckpointError(f"no checkpoint found in {where} (looked for {BEST}, {LATEST}, "
-                          "checkpoint_epoch_E_step_S.pt); train one with train_gpu_compatible.py "
-                          "or pass --model_path")
+                          f"checkpoint_epoch_E_step_S.pt); train one with train_gpu_compatible.py{other}")
 
 
 # ---- a trained run, for inference and tools -------------------------------------------------------

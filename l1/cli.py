@@ -1,16 +1,21 @@
-"""The one wrapper every command line (train, generate, export, info, plot) runs inside.
+"""The one wrapper every command line (train, generate, eval, export, info, plot) runs inside.
 
 A user-facing error (L1Error) becomes one `error: ...` line on stderr and exit status 2; Ctrl-C
 outside the trainer's own handling (data preparation, loading, sampling) becomes one line and exit
 status 130, the shell's code for SIGINT; so does SIGTERM (a scheduler, `timeout`, `docker stop`),
-which would otherwise end the process without a word or its clean-ups. Bugs keep their traceback.
+which would otherwise end the process without a word or its clean-ups. A reader of the output
+that leaves early (`| head`) ends the command quietly with exit status 0, as Unix tools do. A path
+with a name longer than the file system allows is bad input wherever it is met: one line too. Bugs
+keep their traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
+import select
 import signal
 import sys
 import threading
@@ -27,19 +32,77 @@ def entry_point(main: Callable[..., int | None]) -> Callable[..., int]:
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs) -> int:
-        in_main_thread = threading.current_thread() is threading.main_thread()  # where signals are handled
-        with _Interrupts() if in_main_thread else contextlib.nullcontext():
+        try:
             try:
-                return main(*args, **kwargs) or 0
-            except L1Error as exc:
-                if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fails alike: say it once
-                    print(f"error: {exc}", file=sys.stderr)
-                return EXIT_ERROR
-            except KeyboardInterrupt:
-                print("\ninterrupted", file=sys.stderr)
-                return EXIT_INTERRUPTED
+                return _run(main, *args, **kwargs)
+            finally:  # output still buffered meets a closed pipe here, not in "Exception ignored" at exit
+                if sys.stdout is not None:
+                    sys.stdout.flush()
+        except BrokenPipeError:
+            if not _reader_gone():  # another pipe (a child process's): a bug, keep its traceback
+                raise
+            _to_devnull()
+            return 0
 
     return wrapped
+
+
+def _run(main: Callable[..., int | None], *args, **kwargs) -> int:
+    """main's exit status: 0, or EXIT_ERROR after one error line, or EXIT_INTERRUPTED."""
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signals are handled
+    with _Interrupts() if in_main_thread else contextlib.nullcontext():
+        try:
+            return main(*args, **kwargs) or 0
+        except L1Error as exc:
+            return _refuse(str(exc))
+        except OSError as exc:
+            # A path given with a name longer than the file system allows fails in whichever call
+            # meets it first (exists(), open(), mkdir()): bad input in every tool, never a bug.
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            return _refuse(f"{exc.filename}: a name in this path is longer than the file system allows "
+                           "(255 bytes on most): choose a shorter one")
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+def _refuse(message: str) -> int:
+    """One error line (once under torchrun, where every rank fails alike); EXIT_ERROR."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _streams() -> list:
+    return [s for s in (sys.stdout, sys.stderr) if s is not None]
+
+
+def _reader_gone() -> bool:
+    """Whether standard output's (or error's) reader has closed its end of the pipe."""
+    if not hasattr(select, "poll"):  # Windows: no poll; a broken pipe there is the console's
+        return True
+    for stream in _streams():
+        try:
+            poll = select.poll()
+            poll.register(stream.fileno(), select.POLLOUT)
+        except (AttributeError, ValueError, OSError):  # replaced by an object without a descriptor
+            continue
+        if any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0)):
+            return True
+    return False
+
+
+def _to_devnull() -> None:
+    """Point the standard streams at the null device, so that what is still buffered (and Python's
+    flush at exit) goes nowhere instead of failing again."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for stream in _streams():
+        try:
+            os.dup2(null, stream.fileno())
+        except (AttributeError, ValueError, OSError):
+            pass
+    os.close(null)
 
 
 class _Interrupts:

@@ -11,14 +11,22 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from l1 import files
 from l1.errors import L1Error
-from l1.lock import temporary
 
 MIN_VOCAB = 257  # a byte-level BPE: 256 byte symbols + the end-of-text token
+MAX_VOCAB = 2 ** 24  # the BPE trainer reserves ~66 bytes per entry up front (2**32 failed to allocate 280 GB)
+MAX_PARAMS = 2 ** 40  # 1.1 trillion: beyond it no machine holds the weights, and shapes near int64's end overflow
+MAX_PAD_VOCAB = 2 ** 16  # a multiple for the matmuls' tiles (64-256 in practice); beyond, it only adds rows
+MAX_BLOCK_SIZE = 2 ** 20  # the rotary tables and the decoding cache are allocated for the whole context
+MAX_MINUTES = 10 ** 7  # 19 years; in seconds (x 60) and durations, larger budgets overflow
+MAX_FLOAT = 1e30  # torch turns float knobs into float32 (3.4e38 at most) and multiplies some (lr x Muon's scale)
+INT64 = 2 ** 63  # whole numbers go to torch, numpy and itertools as int64 (seeds, counts, shapes)
 MLP_KINDS = {"swiglu": 3, "relu2": 2}  # each kind's matrices of hidden x n_embd
 
 
@@ -71,6 +79,7 @@ class ModelConfig:
         if self.vocab_size < MIN_VOCAB:
             raise L1Error(f"vocab_size must be at least {MIN_VOCAB} for a byte-level BPE (256 bytes + end-of-text), "
                           f"got {self.vocab_size}")
+        _require_at_most(self, vocab_size=MAX_VOCAB, block_size=MAX_BLOCK_SIZE, pad_vocab_to=MAX_PAD_VOCAB)
         if not 0.0 <= self.dropout < 1.0:
             raise L1Error(f"dropout must be in [0, 1), got {self.dropout}")
         if self.mlp not in MLP_KINDS:
@@ -82,6 +91,10 @@ class ModelConfig:
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise L1Error(f"n_embd ({self.n_embd}) must split into n_head ({self.n_head}) heads "
                           "of even width (RoPE rotates pairs)")
+        _require_representable(self)  # before the parameter count's arithmetic
+        if self.num_params > MAX_PARAMS:
+            raise L1Error(f"the model would have {self.num_params:.3g} parameters, more than the {MAX_PARAMS:.3g} "
+                          "L1 can hold: lower --n_layer, --n_embd, --intermediate_size or --vocab_size")
 
     @property
     def head_dim(self) -> int:
@@ -152,6 +165,7 @@ class DataConfig:
         if not self.data.strip():
             raise L1Error("--data is empty: give 'hub' or a file or folder of text")
         _require_positive(self, "tokenizer_sample_mb", "shard_tokens")
+        _require_representable(self)
 
 
 @dataclass
@@ -210,15 +224,18 @@ class TrainConfig:
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise L1Error(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        _require_seed(self.seed)
         _require_positive(self, "grad_accum", "lr", "save_every", "keep",
                           "eval_every", "eval_batches", "log_every", "max_bad_steps")
         _require_non_negative(self, "max_steps", "max_minutes", "batch_size", "seq_len", "warmup_steps",
                               "weight_decay", "grad_clip", "min_lr_ratio", "z_loss", "early_stop")
+        _require_at_most(self, max_minutes=MAX_MINUTES)
         if not self.max_steps and not self.max_minutes:
             raise L1Error("max_steps 0 (no step limit) needs a time budget: give --max_minutes, or max_steps > 0")
         if self.seq_len > self.model.block_size:
-            raise L1Error(f"seq_len ({self.seq_len}) exceeds the model's block_size "
-                          f"({self.model.block_size})")
+            raise L1Error(f"--seq_len {self.seq_len} exceeds the model's block_size ({self.model.block_size}), the "
+                          "longest context it has: give a --seq_len up to that (0 = block_size); a run's block_size "
+                          "is fixed, so a longer context needs a new run (another --out, or --fresh)")
         if self.schedule not in ("cosine", "wsd"):
             raise L1Error(f"schedule must be cosine or wsd, got {self.schedule!r}")
         if self.optimizer not in ("adamw", "muon"):
@@ -228,10 +245,10 @@ class TrainConfig:
         for beta in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, beta) < 1.0:
                 raise L1Error(f"{beta} must be in [0, 1), got {getattr(self, beta)}")
-        _require_seed(self.seed)
         if self.optimizer == "muon" and self.fsdp:
             raise L1Error(f"optimizer muon (--optimizer, or preset {self.preset}'s) does not work with --fsdp "
                           "(it needs whole matrices): give --optimizer adamw, or leave out --fsdp to use DDP")
+        _require_representable(self)
 
     @property
     def context(self) -> int:
@@ -259,6 +276,7 @@ class SamplingConfig:
     seed: int = knob(1234, "random seed: the same seed gives the same text")
 
     def __post_init__(self):
+        _require_seed(self.seed)
         if not 0 < self.max_tokens <= 100_000:
             raise L1Error(f"--max_tokens must be between 1 and 100000, got {self.max_tokens}")
         if not self.temperature >= 0 or not math.isfinite(self.temperature):
@@ -271,7 +289,7 @@ class SamplingConfig:
             raise L1Error(f"--repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         if not 1 <= self.num_samples <= 1000:
             raise L1Error(f"--num_samples must be between 1 and 1000, got {self.num_samples}")
-        _require_seed(self.seed)
+        _require_representable(self)
 
 
 # Presets are data: only what differs from the dataclass defaults.
@@ -306,6 +324,24 @@ def _require_seed(seed: int) -> None:
         raise L1Error(f"--seed must be between 0 and 2**63 - 1, got {seed}")
 
 
+def _require_representable(cfg) -> None:
+    """Every number of a config can go where it is used: floats finite (a flag may say 'inf' or 'nan') and
+    within float32's range with room for the products torch makes of them (the lr scaled by an optimizer),
+    whole numbers below int64's end (torch's and numpy's; a flag or a JSON file may hold any integer)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not abs(value) <= MAX_FLOAT:  # nan fails the comparison too
+            raise L1Error(f"{f.name} must be a finite number at most {MAX_FLOAT:g} in size, got {value}")
+        if isinstance(value, int) and not isinstance(value, bool) and value >= INT64:  # negatives: each knob's own check
+            raise L1Error(f"{f.name} must be at most 2**63 - 1, got {value}")
+
+
+def _require_at_most(cfg, **limits) -> None:
+    for name, limit in limits.items():
+        if getattr(cfg, name) > limit:
+            raise L1Error(f"{name} must be at most {limit:,}, got {getattr(cfg, name):,}")
+
+
 def _require_positive(cfg, *names):
     for name in names:
         if not getattr(cfg, name) > 0:
@@ -331,7 +367,8 @@ def _check_value(name: str, value, kind):
     elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        # Finite (inf and nan fail the comparison), and an integer within float's range.
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
         value = float(value) if ok else value
     else:
         ok = isinstance(value, kind)
@@ -468,10 +505,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 
 def save_json(obj: dict, path: Path) -> None:
-    """Write JSON atomically (temporary file + rename), so a crash never leaves half a file."""
-    tmp = temporary(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    """Write JSON atomically (temporary file + rename), so a crash never leaves half a file; a failed
+    write leaves no temporary file and raises one L1Error line."""
+    files.write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def model_config_from_dict(values: dict, origin: str = "config.json") -> ModelConfig:

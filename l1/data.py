@@ -382,11 +382,12 @@ def _chunks(doc) -> Iterator[str]:
     return doc.chunks() if isinstance(doc, LongText) else iter((doc,))
 
 
-def pieces(cfg: DataConfig, cache_dir: Path, log) -> Iterator[tuple[str, bool]]:
+def pieces(cfg: DataConfig, cache_dir: Path, log, split: bool = True) -> Iterator[tuple[str, bool]]:
     """The non-empty documents of the source in source order, streamed, at most max_docs (datasets
     keeps its lock files of local sources in cache_dir), each in pieces of at most PIECE_CHARS
-    characters: (text, whether it ends its document). A source of a single document yields its
-    paragraphs instead, so that a split exists. Memory does not grow with a document's length."""
+    characters: (text, whether it ends its document). For a split (training), a source of a single
+    document yields its paragraphs instead, so that a split exists; split=False (evaluation) takes any
+    text as it is. Memory does not grow with a document's length."""
     skipped = 0
 
     def with_text():
@@ -405,10 +406,13 @@ def pieces(cfg: DataConfig, cache_dir: Path, log) -> Iterator[tuple[str, bool]]:
         if not head:
             raise L1Error(f"--data {cfg.data}: no text found" + (f" ({skipped} row(s) without text: none, empty or "
                                                                  "only whitespace)" if skipped else ""))
-        stream = _paragraphs(_pieces(_chunks(head[0])))
-        if sum(1 for _ in itertools.islice((e for _, e in stream if e), 2)) < 2:
-            raise L1Error(_single_document(cfg, isinstance(head[0], TextFile)))
-        stream = _paragraphs(_pieces(_chunks(head[0])))
+        if not split:
+            stream = _ended(_pieces(_chunks(head[0])))
+        else:
+            ends = (e for _, e in _paragraphs(_pieces(_chunks(head[0]))) if e)
+            if sum(1 for _ in itertools.islice(ends, 2)) < 2:
+                raise L1Error(_single_document(cfg, isinstance(head[0], TextFile)))
+            stream = _paragraphs(_pieces(_chunks(head[0])))
     else:
         stream = (p for doc in itertools.chain(head, docs) for p in _ended(_pieces(_chunks(doc))))
     replaced, fffd = 0, False
@@ -434,10 +438,10 @@ def _single_document(cfg: DataConfig, text_file: bool) -> str:
             "at least 2 are needed for a validation split")
 
 
-def documents(cfg: DataConfig, cache_dir: Path, log) -> Iterator[str]:
+def documents(cfg: DataConfig, cache_dir: Path, log, split: bool = True) -> Iterator[str]:
     """The documents of pieces(), each whole: for a tool that holds its text in memory anyway (l1.eval)."""
     parts = []
-    for piece, end in pieces(cfg, cache_dir, log):
+    for piece, end in pieces(cfg, cache_dir, log, split):
         parts.append(piece)
         if end:
             yield "".join(parts)

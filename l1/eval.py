@@ -1,12 +1,13 @@
 """Held-out loss, perplexity and bits per byte of trained runs on any text the trainer reads.
 
     python -m l1.eval models/tiny [models/other ...] --data ../shared/data/wikitext-2/wiki.test.tokens
-                      [--max_tokens N] [--batch_size 8] [--device auto]
+                      [--max_tokens N] [--batch_size 8] [--device auto] [--text_column text]
 
 Each RUN is a run folder (its best checkpoint, else its latest) or a checkpoint file. The text
 (a .parquet/.jsonl/.json/.txt/.tokens file or a folder of them, or 'hub') is read as the trainer
 reads it and tokenized as the trainer tokenizes it, with each run's own tokenizer: an end-of-text
-token after each document. One JSON object per run is printed, one per line.
+token after each document (a text of one document is one document here: there is no split to make).
+One JSON object per run is printed, one per line.
 
 - The token stream is cut into non-overlapping windows of the model's block_size, each window
   predicting its own tokens only (the last one may be shorter): the same windows as the trainer's
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (best, else latest) or checkpoint files")
     parser.add_argument("--data", required=True, help="text to evaluate on: a .parquet/.jsonl/.json/.txt/.tokens "
                                                       "file or a folder of them, or 'hub'")
+    parser.add_argument("--text_column", default=DataConfig.text_column,
+                        help="column (parquet, hub) or field (jsonl) holding the text (default: text)")
     parser.add_argument("--max_tokens", type=int, default=0, help="evaluate at most this many tokens (0 = all)")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint.find_for_inference(source)
     rt = runtime.setup(args.device)
     with tempfile.TemporaryDirectory(prefix="l1-eval-") as tmp:
-        docs = list(documents(DataConfig(data=args.data), Path(tmp), log=lambda line: print(line, file=sys.stderr)))
+        source = DataConfig(data=args.data, text_column=args.text_column)
+        docs = list(documents(source, Path(tmp), log=lambda line: print(line, file=sys.stderr), split=False))
     for source in args.runs:
         print(json.dumps({"data": args.data, **eval_run(source, docs, rt, args.batch_size, args.max_tokens)}),
               flush=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import glob
 import importlib.util
 import json
 import os
@@ -115,7 +116,7 @@ def _staging(out: Path):
     removed afterwards, whatever happens. A failed write is one line."""
     target = out.resolve()  # a name to build a sibling from, even for "."
     staging = target.with_name(f".{target.name}.export-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
+    _remove_stale_staging(target)
     try:
         staging.mkdir(parents=True)
         yield staging
@@ -215,6 +216,34 @@ def _update_json(path: Path, **values) -> None:
     content = json.loads(path.read_text())
     content.update(values)
     path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """Remove the staging folders (.NAME.export-PID) that killed exports of target left: those whose
+    process no longer runs. A live export's folder, even to the same target, is left alone."""
+    for staging in target.parent.glob(f".{glob.escape(target.name)}.export-*"):
+        pid = staging.name.rpartition("-")[2]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _running(int(pid))):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process of this id runs (on this machine)."""
+    if os.name == "nt":  # os.kill would end it there
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if handle:
+            kernel32.CloseHandle(handle)
+        return bool(handle) or ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: another user's
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _publish(staging: Path, out: Path) -> None:

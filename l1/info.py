@@ -51,12 +51,19 @@ def run_info(run_dir: str | Path) -> dict:
 
 
 def _checkpoints(run: Path) -> list[dict]:
-    """Latest, then rolling newest first, then best; each with its size and (if readable) its state."""
+    """Latest, then rolling newest first, then best; each with its size and (if readable) its state.
+
+    A running trainer prunes rolling checkpoints at any moment: one gone since it was listed is left out."""
     found = []
     for path in checkpoint.CheckpointManager(run, keep=1).candidates():
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            continue
         state = checkpoint.peek(path)
-        found.append({"name": path.name, "bytes": path.stat().st_size, "state": state,
-                      "step": state.get("step") if state else None})
+        if state is None and not path.exists():  # gone while it was read: not "unreadable"
+            continue
+        found.append({"name": path.name, "bytes": size, "state": state, "step": state.get("step") if state else None})
     return found
 
 

@@ -25,9 +25,9 @@ from typing import Iterable
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
+from l1 import files
 from l1.config import MIN_VOCAB
 from l1.errors import L1Error
-from l1.lock import temporary
 
 EOT = "<|endoftext|>"  # separates documents
 # BPE training touches every word that holds a merged pair, so one long word costs its length at
@@ -112,10 +112,7 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json atomically; its content (and so the fingerprint) is unchanged."""
-        path = Path(path)
-        tmp = temporary(path)
-        tmp.write_text(self.content, encoding="utf-8")
-        os.replace(tmp, path)
+        files.write_atomic(path, self.content.encode("utf-8"))
 
     @property
     def vocab_size(self) -> int:

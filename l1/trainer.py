@@ -6,6 +6,7 @@ device and l1.checkpoint for the run folder. Only the scripts and the tests impo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from l1 import checkpoint, config, identity, plot, runtime
+from l1 import checkpoint, config, files, identity, plot, runtime
 from l1.checkpoint import CheckpointManager
 from l1.config import ModelConfig, TrainConfig
 from l1.data import BatchIterator, PreparedData, eval_batches, open_prepared, prepare
@@ -205,9 +206,7 @@ class _LogFile(logging.FileHandler):
     instead of logging's traceback on stderr and a log with holes."""
 
     def handleError(self, record):
-        exc = sys.exc_info()[1]
-        raise L1Error(f"cannot write {self.baseFilename}: {getattr(exc, 'strerror', None) or exc}; the "
-                      "checkpoints are intact: free space, then run the same command to resume") from None
+        raise files.cannot_write(self.baseFilename, sys.exc_info()[1]) from None
 
 
 class _TqdmHandler(logging.Handler):
@@ -250,25 +249,35 @@ def _start_log_file(logger: logging.Logger, run_dir: Path) -> None:
 
 
 class _Metrics:
-    """metrics.jsonl: one JSON object per line, flushed at once, for tools and plots; with
-    --tensorboard the same numbers also go to TensorBoard event files."""
+    """metrics.jsonl: one JSON object per line, written at once, for tools and plots; with
+    --tensorboard the same numbers also go to TensorBoard event files.
+
+    A line is appended whole or not at all: a write that fails (a full disk) is cut back off the
+    file, so neither its readers nor the resumed run's next line meet half a record."""
 
     def __init__(self, run_dir: Path, writes: bool, tensorboard: bool):
-        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if writes else None
-        self.board = None
+        self.path, self.fd, self.board = run_dir / "metrics.jsonl", None, None
+        if writes:
+            try:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise files.cannot_write(self.path, exc) from None
         if writes and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.board = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, **record):
-        if self.file:
+        if self.fd is not None:
+            line = memoryview((json.dumps(record) + "\n").encode("utf-8"))
+            end = os.lseek(self.fd, 0, os.SEEK_END)
             try:
-                self.file.write(json.dumps(record) + "\n")
-                self.file.flush()
+                while line:
+                    line = line[os.write(self.fd, line):]
             except OSError as exc:
-                raise L1Error(f"cannot write {self.file.name}: {exc.strerror or exc}; the checkpoints are "
-                              "intact: free space, then run the same command to resume") from None
+                with contextlib.suppress(OSError):  # a device that cannot be cut (e.g. /dev/full)
+                    os.ftruncate(self.fd, end)
+                raise files.cannot_write(self.path, exc) from None
         if self.board:
             for key, value in record.items():
                 if key not in ("kind", "step", "time") and isinstance(value, (int, float)):
@@ -276,8 +285,9 @@ class _Metrics:
             self.board.flush()
 
     def close(self):
-        if self.file:
-            self.file.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         if self.board:
             self.board.close()
 
@@ -506,7 +516,9 @@ class _Run:
         theirs = {**dataclasses.asdict(ModelConfig()), **state.get("model_config", {})}
         diff = [f"{k} {theirs.get(k)!r} vs {v!r}" for k, v in ours.items() if theirs.get(k) != v]
         if diff:
-            return f"it holds a different model ({', '.join(diff)}, checkpoint vs now)"
+            context = (f"; its context is fixed at block_size {theirs['block_size']}: resume with a --seq_len up to "
+                       "that, a longer one needs a new run" if theirs.get("block_size") != ours["block_size"] else "")
+            return f"it holds a different model ({', '.join(diff)}, checkpoint vs now){context}"
         if state.get("tokenizer_fingerprint") != self.tokenizer.fingerprint:
             return (f"it was trained with tokenizer {state.get('tokenizer_fingerprint')}, "
                     f"not {self.tokenizer.fingerprint}")

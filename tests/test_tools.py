@@ -5,8 +5,10 @@ import json
 import math
 import os
 import shutil
+import site
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,12 +185,21 @@ def test_pip_install_provides_the_commands(tmp_path):
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "l1", src / "l1", ignore=shutil.ignore_patterns("__pycache__"))
     venv = tmp_path / "venv"
-    # The system's torch and pip serve the venv: nothing is downloaded.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    # The running interpreter's packages (torch, pip, setuptools) serve the venv, whether it is CI's plain
+    # interpreter or a user's virtualenv: a .pth file adds its site folders. (--system-site-packages would
+    # add the base interpreter's instead, which under a virtualenv are not those the README installed.)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python, bin_dir = venv / "bin" / "python", venv / "bin"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-                    str(src)], check=True, env=env, cwd=tmp_path, timeout=120)
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, env=env, capture_output=True, text=True).stdout.strip()
+    ours = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if os.path.isdir(p)]
+    (Path(purelib) / "l1-test-parent.pth").write_text(f"import site; list(map(site.addsitedir, {ours!r}))\n")
+    # Nothing is downloaded where the build backend pyproject.toml asks for is installed; else pip's
+    # build isolation fetches it (a fresh virtualenv of Python 3.11 holds setuptools 65, 3.12's none).
+    offline = ["--no-build-isolation", "--no-index"] if _has_build_backend() else []
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", *offline, "-q", str(src)], check=True,
+                   env=env, cwd=tmp_path, timeout=300)
     where = subprocess.run([str(python), "-c", "import l1, train_gpu_compatible; print(l1.__file__)"],
                            check=True, env=env, cwd=tmp_path, capture_output=True, text=True).stdout
     assert where.startswith(str(venv))
@@ -198,6 +209,30 @@ def test_pip_install_provides_the_commands(tmp_path):
                                 text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(f"usage: {command}") and flag in result.stdout
+
+
+def _has_build_backend() -> bool:
+    """Whether this interpreter holds the setuptools that pyproject.toml's build-system requires."""
+    import tomllib
+    from importlib import metadata
+
+    requirement, = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
+    name, _, minimum = requirement.partition(">=")
+    try:
+        have = metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return _release(have) >= _release(minimum)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(70, 1) of "70.1" or "70.1.0.post1": the leading numbers of a version."""
+    numbers = []
+    for part in version.split("."):
+        if not part.isdigit():
+            break
+        numbers.append(int(part))
+    return tuple(numbers)
 
 
 def test_requirements_match_the_package_dependencies():
