@@ -3,11 +3,15 @@ recipe study's recipes resolve to the configs they promise."""
 
 import argparse
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from bench import recipe
+from conftest import REPO
 from bench.memory import attention_path, estimate_training_bytes, measure
 from l1.config import ModelConfig, preset_dict
 
@@ -107,3 +111,23 @@ def test_fourth_round_recipes_change_what_they_name():
         assert cfg.model.qk_norm and cfg.optimizer == "muon"
         assert cfg == dataclasses.replace(muon, lr=recipe.TEXTBOOK_LR / width, weight_decay=1.0,
                                           model=dataclasses.replace(muon.model, n_embd=width))
+
+
+def test_the_gpu_check_needs_no_datasets_package(corpus, tmp_path):
+    """bench.gpu runs where torch, transformers, tokenizers, numpy, pyarrow, safetensors and pytest
+    are installed but `datasets` is not: its modules import, and a parquet corpus (what it trains
+    the flagship on) is prepared, with any import of `datasets` failing."""
+    blocked = tmp_path / "blocked" / "datasets"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('datasets is not installed here')\n")
+    code = ("import bench.gpu, bench.memory, bench.train, bench.generate, l1.trainer, l1.sampler\n"
+            "from l1.config import DataConfig\nfrom l1.data import prepare\n"
+            f"data = prepare(DataConfig(data={str(corpus)!r}, data_dir={str(tmp_path / 'data')!r}), 512, 0, "
+            "log=lambda line: None)\nprint(len(data.tokens('train')))\n"
+            "try:\n    import datasets\nexcept ImportError:\n    print('blocked')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocked"), str(REPO)])}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    tokens, marker = result.stdout.split()
+    assert int(tokens) > 1000 and marker == "blocked"

@@ -83,3 +83,25 @@ def test_a_failed_preparation_ends_every_rank_with_one_error_line(tmp_path):
     ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
     assert ours == [f"error: --data {empty}: no text found"], result.stderr[-3000:]
     assert not (tmp_path / "run" / "latest_checkpoint.pt").exists()
+
+
+def test_ranks_draw_their_own_dropout_and_resume_it_bitwise(corpus, tmp_path):
+    """Under DDP with --dropout each rank seeds its own stream (else both ranks would drop the
+    same units), saves it in the checkpoint, and restores its own on resume: a run stopped at
+    step 2 and resumed ends with the straight run's weights bit for bit."""
+    flags = ["--dropout", "0.2"]
+    straight = torchrun(tiny_args(corpus, tmp_path / "straight", max_steps=4, save_every=2) + flags)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = torchrun(tiny_args(corpus, tmp_path / "resumed", max_steps=2, save_every=2) + flags)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = load_file(tmp_path / "resumed" / "run" / "latest_checkpoint.pt")
+    ranks = state["rng"]["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["cpu"], ranks[1]["cpu"])
+    assert torch.equal(ranks[0]["cpu"], state["rng"]["cpu"])  # rank 0's own is the main state
+    second = torchrun(tiny_args(corpus, tmp_path / "resumed", max_steps=4, save_every=2) + flags)
+    assert second.returncode == 0, second.stderr[-3000:]
+    a = load_file(tmp_path / "straight" / "run" / "latest_checkpoint.pt")
+    b = load_file(tmp_path / "resumed" / "run" / "latest_checkpoint.pt")
+    assert a["step"] == b["step"] == 4
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
