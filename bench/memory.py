@@ -337,8 +337,8 @@ def flagship(budget_gib: float, seq: int, cap_gib: float, device: str) -> int:
                                                "cuda")["total"]
             fits = "measured" in result and result["measured_reserved"] <= cap_gib * GIB
             failures += not fits
-            emit(kind="flagship", **{k: v for k, v in spec.items() if k != "device"}, plan_max=batch == row["max_micro_batch"],
-                 fits_under_cap=fits, estimate_gib=estimate / GIB,
+            emit(kind="flagship", **{k: v for k, v in spec.items() if k != "device"},
+                 plan_max=batch == row["max_micro_batch"], fits_under_cap=fits, estimate_gib=estimate / GIB,
                  measured_gib=result["measured"] / GIB if "measured" in result else None,
                  reserved_gib=result["measured_reserved"] / GIB if "measured" in result else None,
                  out_of_memory=result.get("out_of_memory", False), error=result.get("error"))

@@ -238,8 +238,9 @@ def _readers(cfg: DataConfig, cache_dir: Path, log) -> list[tuple[str, str, part
             continue
         options = {"sample_by": "document", "encoding_errors": "replace"} if kind == "text" else {}
         readers.append((origin, "text" if kind == "text" else cfg.text_column,
-                        partial(_dataset_tables, partial(_datasets().load_dataset, kind, data_files=group, split="train",
-                                                         streaming=True, cache_dir=str(cache_dir), **options))))
+                        partial(_dataset_tables, partial(_datasets().load_dataset, kind, data_files=group,
+                                                         split="train", streaming=True, cache_dir=str(cache_dir),
+                                                         **options))))
     return readers
 
 

@@ -322,14 +322,18 @@ def datasheet_peak(name: str, dtype: torch.dtype) -> float | None:
 
 @dataclass(frozen=True)
 class Peak:
-    """What MFU divides by (flops) and where it comes from; the measured roofline beside it."""
+    """What MFU divides by (flops) and where it comes from; the measured roofline beside it, and
+    why the roofline is the peak where it is (why: None for a datasheet peak)."""
 
     flops: float
     roofline: float
     source: str
+    why: str | None = None
 
     def describe(self) -> str:
         """The log line that says what MFU is quoted against."""
+        if self.why:
+            return f"MFU against {self.source} ({self.flops / 1e12:.3g} TFLOP/s): {self.why}"
         return (f"MFU against {self.source} ({self.flops / 1e12:.4g} TFLOP/s); "
                 f"measured matmul roofline {self.roofline / 1e12:.3g} TFLOP/s")
 
@@ -343,13 +347,14 @@ def mfu_peak(device: torch.device, dtype: torch.dtype) -> Peak:
     roofline = matmul_peak_flops(device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     kind = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "TF32"}[dtype]
+    measured = f"the measured {kind} matmul roofline"
     datasheet = datasheet_peak(name, dtype) if device.type == "cuda" else None
     if datasheet is None:
         why = f"{name} is not in the datasheet table" if device.type == "cuda" else f"no datasheet peak for {name}"
-        return Peak(roofline, roofline, f"the measured {kind} matmul roofline ({why})")
+        return Peak(roofline, roofline, measured, why)
     if roofline > datasheet:
-        return Peak(roofline, roofline, f"the measured {kind} matmul roofline, above {name}'s datasheet "
-                                        f"dense {kind} peak of {datasheet / 1e12:.4g} TFLOP/s")
+        return Peak(roofline, roofline, measured,
+                    f"above {name}'s datasheet dense {kind} peak of {datasheet / 1e12:.4g} TFLOP/s")
     return Peak(datasheet, roofline, f"{name}'s datasheet dense {kind} peak")
 
 

@@ -398,7 +398,7 @@ class _Run:
         self.compiled = runtime.use_compile(self.device, cfg.compile, expected)
         self.wrapped, self.forward = runtime.parallelize(self.model, rt, grad_ckpt=cfg.grad_ckpt,
                                                          compile=self.compiled, fsdp=cfg.fsdp, log=log)
-        self.compiled = self.forward is not self.wrapped  # False where torch.compile is unsupported
+        self.compiled = self.compiled and torch._dynamo.is_dynamo_supported()  # as parallelize decided
         self.optimizers = _optimizers(self.model, cfg, self.device)
         self.scaler = self.precision.grad_scaler()
         self.tokens_seen, self.best_val, self.saved_step = 0, float("inf"), -1

@@ -49,20 +49,24 @@ def single_run(corpus, tmp_path_factory):
 
 
 # DDP with the tiny preset's Muon (each rank orthogonalizes the same all-reduced gradient), FSDP2
-# with AdamW (Muon needs whole matrices and is refused there).
-@pytest.mark.parametrize("mode, optimizer", [("ddp", "muon"), ("fsdp", "adamw")])
+# with AdamW (Muon needs whole matrices and is refused there); fsdp_accum: the same global batch in
+# two micro-steps per rank, through which FSDP2 keeps its parameters gathered.
+@pytest.mark.parametrize("mode, optimizer", [("ddp", "muon"), ("fsdp", "adamw"), ("fsdp_accum", "adamw")])
 def test_two_processes_match_one(corpus, tmp_path, single_run, mode, optimizer):
-    extra = ["--fsdp"] if mode == "fsdp" else []
+    extra = ["--fsdp"] if mode.startswith("fsdp") else []
+    if mode == "fsdp_accum":
+        extra += ["--batch_size", "2", "--grad_accum", "4"]
     result = torchrun(tiny_args(corpus, tmp_path, max_steps=8, log_every=1) + ["--optimizer", optimizer] + extra)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     ours, reference = losses(run), losses(single_run(optimizer))
     assert ours.keys() == reference.keys() == set(range(1, 9))
-    tolerance = FSDP_BF16_TOLERANCE if mode == "fsdp" and runtime.native_bf16(torch.device("cpu")) else TOLERANCE
+    tolerance = FSDP_BF16_TOLERANCE if extra and runtime.native_bf16(torch.device("cpu")) else TOLERANCE
     for step in reference:
         assert ours[step] == pytest.approx(reference[step], rel=tolerance), step
     log = (run / "training.log").read_text()
-    assert f"distributed: 2 processes, {'FSDP2' if mode == 'fsdp' else 'DDP'}" in log
+    assert f"distributed: 2 processes, {'FSDP2' if extra else 'DDP'}" in log
+    assert ("2 micro-steps of 2 sequences" in log) == (mode == "fsdp_accum")
     assert log.count("model tiny:") == 1, "only rank 0 writes the log"
     assert ("Muon's Newton-Schulz" in log) == (optimizer == "muon")
     # The checkpoint it wrote resumes in a single process and matches the single run's weights.

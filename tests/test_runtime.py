@@ -303,7 +303,8 @@ def test_mfu_is_quoted_against_the_datasheet_with_the_roofline_beside_it(monkeyp
                                 "measured matmul roofline 30 TFLOP/s")
     unknown = runtime.mfu_peak(torch.device("cuda", 1), torch.bfloat16)
     assert unknown.flops == unknown.roofline == 30e12
-    assert "measured bf16 matmul roofline (NVIDIA Future GPU 9000 is not in the datasheet table)" in unknown.describe()
+    assert unknown.describe() == ("MFU against the measured bf16 matmul roofline (30 TFLOP/s): "
+                                  "NVIDIA Future GPU 9000 is not in the datasheet table")
     roofline["flops"] = 50e12
     faster = runtime.mfu_peak(torch.device("cuda", 0), torch.bfloat16)
     assert faster.flops == 50e12 and "above NVIDIA GeForce RTX 4060 Ti's datasheet dense bf16 peak" in faster.describe()
@@ -409,3 +410,23 @@ def test_deterministic_is_refused_once_cuda_runs_without_the_cublas_setting(monk
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda value: None)
     runtime._set_deterministic(torch.device("cpu"))  # before CUDA starts: set, with inductor's mode
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and inductor.deterministic
+
+
+def test_ddp_wraps_a_model_compiled_block_by_block():
+    """Under torchrun parallelize compiles each block (not the whole model) before DDP wraps it,
+    so that the all-reduce of early gradients overlaps the rest of the backward; the pure model
+    keeps its names. (A one-process gloo group stands in for the job.)"""
+    import torch.distributed as dist
+
+    model = _tiny_gpt()
+    names = list(model.state_dict())
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        cpu = torch.device("cpu")
+        rt = runtime.Runtime(runtime.Distributed(0, 2, 0), cpu, runtime.precision(cpu, False))
+        outer, forward = runtime.parallelize(model, rt, grad_ckpt=False, compile=True, fsdp=False, log=print)
+        assert isinstance(outer, torch.nn.parallel.DistributedDataParallel) and outer.module is model
+        assert model._compiled_call_impl is None and all(b._compiled_call_impl is not None for b in model.blocks)
+        assert list(model.state_dict()) == names
+    finally:
+        dist.destroy_process_group()
