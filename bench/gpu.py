@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from bench.common import emit
+from l1.runtime import DETERMINISTIC_CUBLAS
 
 REPO = Path(__file__).resolve().parents[1]
 CAP_GIB = 15.0
@@ -180,15 +181,18 @@ def flagship(work: Path, data: str, steps: int, device: str, fraction: float | N
         else ["--preset", "l1-gpu-compatible"]
     common = [*preset, "--data", data, "--data_dir", str(work / "data"), "--max_steps", str(steps), "--val_fraction",
               "0.05", 
-              "--save_every", str(max(1, steps // 4)), "--eval_every", str(steps), "--log_every", "10",
+              "--save_every", str(max(1, steps // 4)), "--eval_every", str(steps), "--log_every", str(max(1, steps // 4)),
               "--device", device, "--deterministic"]
     script = str(REPO / "train_gpu_compatible.py")
-    straight = run(capped([script, *common, "--out", str(work / "straight")], fraction), work / "straight.log", limit)
+    # The cap starts CUDA before the trainer can set cuBLAS's deterministic workspace: set it first.
+    deterministic = {"CUBLAS_WORKSPACE_CONFIG": DETERMINISTIC_CUBLAS[0]}
+    straight = run(capped([script, *common, "--out", str(work / "straight")], fraction), work / "straight.log", limit,
+                   deterministic)
     if straight.returncode != 0:
         raise PartFailed(f"straight run: {last_error(straight)}")
     record = _throughput(work / "straight", steps, smoke)
     killed = work / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **deterministic}
     with open(work / "killed.log", "w") as log:
         proc = subprocess.Popen(capped([script, *common, "--out", str(killed)], fraction), cwd=REPO, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
@@ -198,7 +202,7 @@ def flagship(work: Path, data: str, steps: int, device: str, fraction: float | N
             time.sleep(0.2)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    resumed = run(capped([script, *common, "--out", str(killed)], fraction), work / "resumed.log", limit)
+    resumed = run(capped([script, *common, "--out", str(killed)], fraction), work / "resumed.log", limit, deterministic)
     if resumed.returncode != 0:
         raise PartFailed(f"resumed run: {last_error(resumed)}", record)
     from l1.checkpoint import load_file
@@ -229,8 +233,8 @@ def _throughput(run_dir: Path, steps: int, smoke: bool) -> dict:
     log = (run_dir / "training.log").read_text()
     reserved = [r["memory_reserved_bytes"] for r in train if r.get("memory_reserved_bytes") is not None]
     return {"flagship_steps": steps, "flagship_tokens_per_s": median("tokens_per_s"), "flagship_mfu": median("mfu"),
-            "flagship_mfu_basis": next((line.split("] ", 1)[-1] for line in log.splitlines() if "MFU against" in line),
-                                       None),
+            "flagship_mfu_basis": next((line[line.index("MFU against"):] for line in log.splitlines()
+                                        if "MFU against" in line), None),
             "flagship_peak_memory_gib": max(r["memory_bytes"] for r in train) / 2**30,
             "flagship_peak_reserved_gib": max(reserved) / 2**30 if reserved else None,
             "flagship_memory_model_gib": _estimate(smoke),
@@ -277,7 +281,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="the CUDA tests, the flagship memory plan and the resume check only (< 6 minutes)")
     parser.add_argument("--data", help="the flagship's corpus (default: a synthetic one, written under --work)")
-    parser.add_argument("--steps", type=int, help="the flagship's steps (default: 30 with --quick, else 200; 8 on CPU)")
+    parser.add_argument("--steps", type=int, help="the flagship's steps (default: 20 with --quick, else 200; 8 on CPU)")
     parser.add_argument("--out", help="also write the JSON summary to this file")
     parser.add_argument("--work", help="keep the logs and runs here (default: a temporary folder)")
     parser.add_argument("--cpu_smoke", action="store_true", help="the same plan on the CPU at toy size")
@@ -292,7 +296,7 @@ def main(argv=None) -> int:
     limits = {name: limit[0 if quick and not smoke else 1] for name, limit in LIMITS.items()}  # a CPU is slow
     device = "cpu" if smoke else "cuda"
     fraction = None if smoke else min(1.0, CAP_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
-    steps = args.steps or (8 if smoke else 30 if quick else 200)
+    steps = args.steps or (8 if smoke else 20 if quick else 200)
     started = time.perf_counter()
     summary = {"kind": "gpu_summary", "quick": quick, "device": torch.cuda.get_device_name() if not smoke else "cpu",
                "torch": torch.__version__, "memory_cap_gib": None if smoke else CAP_GIB, "work": str(work),

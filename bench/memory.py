@@ -335,7 +335,7 @@ def flagship(budget_gib: float, seq: int, cap_gib: float, device: str) -> int:
             result = _run_child(spec)
             estimate = estimate_training_bytes(cfg.model, batch, seq, torch.bfloat16, row["grad_ckpt"], "flash",
                                                "cuda")["total"]
-            fits = "measured" in result and result["measured_reserved"] <= cap_gib * GIB
+            fits = "measured" in result  # the cap bounds what the allocator reserves: past it, out of memory
             failures += not fits
             emit(kind="flagship", **{k: v for k, v in spec.items() if k != "device"},
                  plan_max=batch == row["max_micro_batch"], fits_under_cap=fits, estimate_gib=estimate / GIB,

@@ -461,7 +461,7 @@ def generate_ids(model: GPT | Decoder, prompts: list[list[int]], cfg: SamplingCo
     model: a model (decoded eagerly) or its Decoder. A prompt longer than the context is read
     from its newest block_size tokens. A row ends at eot_id (not included; None: never), after
     cfg.max_tokens, or when on_token(row, token) is true. Tokens reach the host (and on_token)
-    every HOST_SYNC_EVERY steps on a GPU, every step elsewhere.
+    every HOST_SYNC_EVERY steps on a GPU (the first one at once), every step elsewhere.
     generator: the random stream (default: seeded by cfg.seed).
     """
     decoder = model if isinstance(model, Decoder) else Decoder(model)
@@ -481,7 +481,8 @@ def generate_ids(model: GPT | Decoder, prompts: list[list[int]], cfg: SamplingCo
     tokens = window.sample(window.prefill(model.cfg.block_size), cfg, vocab_size, noise())
     pending, produced = [tokens], 1
     while True:
-        if len(pending) == every or produced == cfg.max_tokens or window.full:
+        # The first token at once (time to first token); then every `every` steps, at the end, before a slide.
+        if len(pending) == every or produced in (1, cfg.max_tokens) or window.full:
             for step_tokens in torch.stack(pending).tolist():  # one host sync for the pending steps
                 for i, token in enumerate(step_tokens):
                     if done[i]:

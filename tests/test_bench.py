@@ -3,6 +3,7 @@ recipe study's recipes resolve to the configs they promise."""
 
 import argparse
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -131,3 +132,51 @@ def test_the_gpu_check_needs_no_datasets_package(corpus, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     tokens, marker = result.stdout.split()
     assert int(tokens) > 1000 and marker == "blocked"
+
+
+def test_gpu_check_records_every_failing_part_and_fails(tmp_path, monkeypatch, capsys):
+    """bench.gpu: a part that times out or breaks is recorded in the summary (printed and written
+    to --out) while the other parts still run, and the exit status is 1; with none, 0."""
+    from bench import gpu
+
+    ran = []
+
+    def passing(name, record):
+        def part(*args):
+            ran.append(name)
+            return record
+        return part
+
+    def timing_out(*args):
+        ran.append("flagship")
+        gpu.run([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "slow.log", timeout=0.5)
+
+    monkeypatch.setattr(gpu, "tests", passing("tests", {"tests_exit": 0}))
+    monkeypatch.setattr(gpu, "bench_memory", passing("bench_memory", {"memory_model_worst_error": 0.01}))
+    monkeypatch.setattr(gpu, "flagship", timing_out)
+    out = tmp_path / "summary.json"
+    assert gpu.main(["--cpu_smoke", "--work", str(tmp_path / "work"), "--out", str(out)]) == 1
+    summary = json.loads(out.read_text())
+    assert ran == ["tests", "bench_memory", "flagship"] and summary["passed"] is False
+    assert summary["failures"] == {"flagship": f"timed out after 0 s (log: {tmp_path / 'slow.log'})"}
+    assert summary["tests_exit"] == 0 and summary["memory_model_worst_error"] == 0.01
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+
+    def broken(*args):
+        raise KeyError("resume_bitwise")
+
+    monkeypatch.setattr(gpu, "flagship", broken)
+    assert gpu.main(["--cpu_smoke", "--work", str(tmp_path / "work2"), "--out", str(out)]) == 1
+    assert json.loads(out.read_text())["failures"] == {"flagship": "KeyError: 'resume_bitwise'"}
+    monkeypatch.setattr(gpu, "flagship", passing("flagship", {"resume_bitwise": True}))
+    assert gpu.main(["--cpu_smoke", "--work", str(tmp_path / "work3"), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["passed"] is True
+
+
+def test_a_failed_memory_child_is_reported_not_fatal():
+    """bench.memory: a child that fails gives its error line (the run goes on and exits 1)."""
+    from bench import memory
+
+    result = memory._run_child(dict(preset="no-such-preset", dtype="fp32", batch=1, seq=8, grad_ckpt=False,
+                                    flash=True, device="cpu"))
+    assert "measured" not in result and "no-such-preset" in result["error"]
