@@ -148,7 +148,7 @@ def bench_memory(work: Path, device: str, quick: bool, smoke: bool, limit: float
         failed = [f"{r['preset']} {r['dtype']} b{r['batch']}: {r.get('error') or 'out of memory'}"
                   for r in record["memory_errors"]]
         failed += [f"flagship b{r['batch']}x{r['seq']} ckpt={r['grad_ckpt']}: "
-                   f"{r['error'] or ('out of memory' if r['out_of_memory'] else 'over the cap')}"
+                   f"{r['error'] or f'out of memory under the {CAP_GIB:g} GiB cap'}"
                    for r in record["memory_flagship"] if not r["fits_under_cap"]]
         raise PartFailed("; ".join(failed) or last_error(result), record)
     return record

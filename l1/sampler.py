@@ -356,9 +356,8 @@ class Decoder:
         if not self.compiled:
             return _decode(self.model, tokens, state, noise, cfg, vocab_size)
         key = (cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, vocab_size)
-        if key not in self.steps:  # the sampling setting is a constant of its graph
-            def step(model, tokens, state, noise, cfg=SamplingConfig(**dict(zip(
-                    ("temperature", "top_k", "top_p", "repetition_penalty"), key[:4]))), vocab_size=vocab_size):
+        if key not in self.steps:  # the sampling setting is a constant of its graph (a closure's)
+            def step(model, tokens, state, noise):
                 return _decode(model, tokens, state, noise, cfg, vocab_size)
 
             cuda = self.model.norm.weight.device.type == "cuda"

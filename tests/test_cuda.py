@@ -161,3 +161,23 @@ def test_checkpoint_state_is_copied_from_gpu_memory_into_pinned_buffers():
     buffers = list(snapshot.buffers)
     snapshot.take(state)
     assert all(a is b for a, b in zip(buffers, snapshot.buffers))  # reused, not reallocated
+
+
+def test_decoding_replays_its_cuda_graph_across_calls():
+    """The compiled decoding step runs as a CUDA graph (no input it updates in place makes inductor
+    skip CUDA graphs) and a second generate() of the same batch size reuses its state and graph:
+    nothing compiles again, and the same seed gives the same tokens."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    decoder = sampler.Decoder(sampler.prepare(GPT(SMALL), torch.device("cuda"), "bf16"), compiled=True)
+    cfg = SamplingConfig(temperature=0.8, top_k=20, repetition_penalty=1.2, max_tokens=30, seed=1)
+    skips = counters["inductor"]["cudagraph_skips"]
+
+    def run():
+        return sampler.generate_ids(decoder, [[1, 2, 3], [4, 5]], cfg, vocab_size=SMALL.vocab_size, eot_id=None)
+
+    first = run()
+    graphs = counters["stats"]["unique_graphs"]
+    assert run() == first and len(decoder.states) == 1
+    assert counters["stats"]["unique_graphs"] == graphs and counters["inductor"]["cudagraph_skips"] == skips
