@@ -2,7 +2,8 @@
 
 The prompt is processed once (prefill, the last position's logits only); each new token is then
 one static-shape step through the cache (its position and slot as tensors, attention over every
-slot with a mask), which Decoder can compile into one graph (CUDA graphs on a GPU). Weights can
+slot with a mask, the sampling of the next token included), which Decoder can compile into one
+graph (CUDA graphs on a GPU, replayed from call to call on the state it keeps per batch size). Weights can
 be int8 or bf16 for inference (prepare), read once per token: decoding is memory-bound.
 Several prompts decode together, left-padded, with a key mask and per-row positions. When the text outgrows the context, the newest half of the context is kept
 and re-prefilled into the same cache. A prompt longer than the context is refused rather than
