@@ -1,6 +1,6 @@
 """Decode speed and quality: L1's decoding step (eager, compiled, int8, bf16) against transformers' generate.
 
-    python -m bench.generate [--smoke] [--contexts 64 256 1024] [--batches 1 8] [--new_tokens 32]
+    python -m bench.generate [--smoke] [--device cpu|cuda] [--contexts 64 256 1024] [--batches 1 8] [--new_tokens 32]
                              [--repeats 3] [--threads 1] [--variants ...] [--n_layer 6 --n_embd 512 ...]
                              [--quality RUN [--quality_text FILE] [--quality_bytes N]]
 
@@ -14,6 +14,8 @@ its matmul weights (int8 with their scales, bf16 or fp32) and the keys and value
 cache slot. Quality (--quality RUN): bits per byte of a held-out text for each dtype against
 fp32, and greedy agreement with fp32 on a fixed prompt set. Prints one JSON object per measurement.
 
+On CUDA (--device cuda, as bench.gpu runs it) the same contenders run on the GPU: int8 weights
+then go through the dequantizing matmul compiled into the decoding step, bf16 through cuBLAS.
 One thread by default: on a shared machine, OpenMP threads that spin-wait for a descheduled
 sibling make every small parallel op cost milliseconds, and the numbers measure the neighbours.
 """
@@ -59,12 +61,14 @@ def l1_decode(decoder: sampler.Decoder, prompt: torch.Tensor, new_tokens: int) -
 
 @torch.inference_mode()
 def no_cache_decode(model: GPT, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """The naive loop: the whole text through the model for every new token."""
-    ids, start, first = prompt, time.perf_counter(), 0.0
+    """The naive loop: the whole text through the model for every new token (each token read
+    back to the host, as a sampler streaming text must)."""
+    ids, start, first = prompt.to(model.norm.weight.device), time.perf_counter(), 0.0
     for i in range(new_tokens):
         if i == 1:
             first = time.perf_counter()
         nxt = model(ids)[:, -1].argmax(-1, keepdim=True)
+        nxt.tolist()
         ids = torch.cat([ids, nxt], dim=1)
     return time.perf_counter() - first, first - start
 
@@ -86,6 +90,7 @@ class _Stamps:
 def hf_decode(llama, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """(decode seconds, seconds to the first token) through transformers' generate (greedy)."""
     stamps = _Stamps()
+    prompt = prompt.to(llama.device)
     start = time.perf_counter()
     llama.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                    min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0, streamer=stamps)
@@ -118,6 +123,7 @@ def matmul_floor(model: GPT, repeats: int) -> float:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (python -m bench.gpu runs it there)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new_tokens", type=int, default=32)
@@ -151,21 +157,21 @@ def main(argv=None) -> None:
     shape = ModelConfig(vocab_size=args.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
                         n_embd=args.n_embd, block_size=args.block_size)
     torch.manual_seed(0)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     base = GPT(shape).eval()
-    llama = to_llama(base)  # fp32, transformers' own layout
+    llama = to_llama(base).to(device)  # fp32, transformers' own layout
     decoders = {name: sampler.Decoder(sampler.prepare(copy.deepcopy(base), device, dtype), compiled)
                 for name, (dtype, compiled) in VARIANTS.items() if name in args.variants}
     fp32 = sampler.prepare(base, device, "fp32")
     bandwidth = memory_bandwidth(device)
     emit(kind="setup", **machine(), shape=f"{shape.n_layer}x{shape.n_embd} h{shape.n_head} v{shape.vocab_size}",
          params=fp32.num_params(), memory_bandwidth_gb_s=bandwidth / 1e9,
-         matmul_floor_fp32_tokens_per_s=1.0 / matmul_floor(fp32, args.repeats))
+         matmul_floor_fp32_tokens_per_s=1.0 / matmul_floor(fp32, args.repeats) if device.type == "cpu" else None)
     warmed: set[tuple[str, int]] = set()
     for context in args.contexts:
         for batch in args.batches:
             decode(decoders, fp32, llama, context, batch, args, bandwidth, warmed)
-        full = torch.randint(0, shape.vocab_size, (1, context))
+        full = torch.randint(0, shape.vocab_size, (1, context), device=device)
         pre = interleaved({"l1": lambda: prefill(fp32, full), "transformers": lambda: prefill(llama, full)},
                           args.repeats)
         emit(kind="prefill", context=context, batch=1, l1_tokens_per_s=context / pre["l1"],
@@ -176,11 +182,12 @@ def main(argv=None) -> None:
 
 @torch.inference_mode()
 def prefill(model, prompt: torch.Tensor) -> None:
-    """The prompt's pass, the last position's logits only (as both samplers do)."""
+    """The prompt's pass, the last position's logits only (as both samplers do), finished."""
     if isinstance(model, GPT):
-        model(prompt, last=True)
+        logits = model(prompt, last=True)
     else:
-        model(prompt, logits_to_keep=1)
+        logits = model(prompt, logits_to_keep=1).logits
+    logits.sum().item()  # waits for the GPU's kernels
 
 
 def decode(decoders: dict, fp32: GPT, llama, context: int, batch: int, args, bandwidth: float, warmed: set) -> None:

@@ -1,16 +1,23 @@
 """Peak memory of one training step: measured, next to an analytic model, and the 16 GB plan.
 
     python -m bench.memory [--sizes tiny l1-v1 l1-gpu-compatible] [--budget_gib 15] [--seq 1024]
+                           [--device cuda --flagship --cap_gib 15]
 
 Every configuration (model, micro-batch x sequence, fp32 or bf16 autocast, gradient checkpointing
 off/on, flash or math attention) runs in a fresh subprocess, so peaks never mix: a small step
 creates the AdamW state, then one full step (forward, loss, backward, fused AdamW) is measured.
 On CPU the peak is the bytes that live in tensors: weights and optimizer state before the step
 plus the peak of torch's CPU allocator during it (recorded by the profiler); the peak resident
-set (VmHWM) of the step is printed beside it. On CUDA it is torch.cuda.max_memory_allocated.
+set (VmHWM) of the step is printed beside it. On CUDA it is torch.cuda.max_memory_allocated,
+with max_memory_reserved (what the card must hold) beside it. Attention runs SDPA's fused kernel
+for the dtype, as training does: flash in bf16, the memory-efficient kernel in fp32 on CUDA
+(flash takes only half precision there); both save the same tensors for backward.
 The tensors autograd saves for backward are also counted exactly, by saved-tensor hooks, and
 checked against the model's activation term. Then the model, trusted where it was measured,
-gives the largest micro-batch of l1-gpu-compatible that fits a 16 GB GPU.
+gives the largest micro-batch of l1-gpu-compatible that fits a 16 GB GPU; --flagship then
+measures that plan on the GPU (the preset's micro-batch and the plan's largest, bf16, with and
+without checkpointing) with each child capped at --cap_gib, as a 16 GB card would cap it.
+A child that fails (an error, a timeout) is reported and makes the exit status 1.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import subprocess
 import sys
 import time
+import traceback
 
 import torch
 
@@ -189,6 +197,14 @@ def _saved_bytes(model, idx, targets, amp) -> float:
     return float(sum(seen.values()))
 
 
+def fused_backend(device: torch.device, amp: bool):
+    """SDPA's fused kernel for this dtype: flash, except fp32 on CUDA, which only the
+    memory-efficient kernel takes (CUDA's flash kernel is fp16/bf16 only)."""
+    from torch.nn.attention import SDPBackend
+
+    return SDPBackend.EFFICIENT_ATTENTION if device.type == "cuda" and not amp else SDPBackend.FLASH_ATTENTION
+
+
 def measure(cfg: ModelConfig, batch: int, seq: int, amp: bool, grad_ckpt: bool, flash: bool,
             device: torch.device) -> dict:
     """Peak bytes of one full training step of a fresh model (run it in a fresh process)."""
@@ -200,7 +216,7 @@ def measure(cfg: ModelConfig, batch: int, seq: int, amp: bool, grad_ckpt: bool, 
         apply_activation_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     autocast = Precision(device.type, torch.bfloat16 if amp else torch.float32).autocast
-    backend = SDPBackend.FLASH_ATTENTION if flash else SDPBackend.MATH
+    backend = fused_backend(device, amp) if flash else SDPBackend.MATH
 
     def batch_of(b: int, t: int):
         data = torch.randint(0, cfg.vocab_size, (b, t + 1), device=device)
@@ -221,6 +237,7 @@ def measure(cfg: ModelConfig, batch: int, seq: int, amp: bool, grad_ckpt: bool, 
         torch.cuda.reset_peak_memory_stats()
         step(idx, targets)
         peak = float(torch.cuda.max_memory_allocated())
+        reserved = float(torch.cuda.max_memory_reserved())
         rss_peak = float("nan")
     else:
         rss_before = _status_kib("VmRSS")
@@ -233,10 +250,12 @@ def measure(cfg: ModelConfig, batch: int, seq: int, amp: bool, grad_ckpt: bool, 
         persistent = float(sum(t.numel() * t.element_size() for t in tensors))
         peak = persistent + _allocator_peak(lambda: step(idx, targets))
         rss_peak += persistent
+        reserved = float("nan")
     step_s = time.perf_counter() - start
     with sdpa_kernel(backend):
         saved = _saved_bytes(model, idx, targets, autocast())
-    return {"measured": peak, "measured_rss": rss_peak, "saved_for_backward": saved, "seconds": step_s}
+    return {"measured": peak, "measured_reserved": reserved, "measured_rss": rss_peak, "saved_for_backward": saved,
+            "seconds": step_s}
 
 
 # ---- driver ---------------------------------------------------------------------------------------
@@ -250,17 +269,38 @@ SIZES = {
 }
 
 
+CHILD_TIMEOUT_S = 600
+
+
 def _run_child(spec: dict) -> dict:
-    """measure() in a fresh interpreter, so each configuration's peak is its own."""
-    out = subprocess.run([sys.executable, "-m", "bench.memory", "--child", json.dumps(spec)],
-                         check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """measure() in a fresh interpreter, so each configuration's peak is its own; a child that
+    fails or runs past CHILD_TIMEOUT_S gives {"error": its last line} instead."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "bench.memory", "--child", json.dumps(spec)],
+                             capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {CHILD_TIMEOUT_S} s"}
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        last = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+        return {"error": last[:300]}
+    return json.loads(lines[-1])
 
 
 def _child(spec: dict) -> None:
+    """One measurement, under the memory cap on CUDA; running out of memory there is a result
+    (the size does not fit under the cap), not a failure."""
+    device = torch.device(spec["device"])
+    if device.type == "cuda" and spec.get("cap_gib"):
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gib"] * GIB / total), device)
     cfg = resolve({"preset": spec["preset"]}).model
-    result = measure(cfg, spec["batch"], spec["seq"], spec["dtype"] == "bf16", spec["grad_ckpt"],
-                     spec["flash"], torch.device(spec["device"]))
+    try:
+        result = measure(cfg, spec["batch"], spec["seq"], spec["dtype"] == "bf16", spec["grad_ckpt"],
+                         spec["flash"], device)
+    except torch.cuda.OutOfMemoryError:
+        traceback.print_exc()
+        result = {"out_of_memory": True}
     print(json.dumps(result))
 
 
@@ -282,28 +322,60 @@ def plan(budget_gib: float, seq: int) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> None:
+def flagship(budget_gib: float, seq: int, cap_gib: float, device: str) -> int:
+    """Measure the 16 GB plan on the GPU under the cap: l1-gpu-compatible at its preset micro-batch
+    and at the plan's largest, bf16 flash attention, with and without checkpointing. One
+    "flagship" line each; returns how many failed to run or to fit under the cap."""
+    cfg = resolve({"preset": "l1-gpu-compatible"})
+    failures = 0
+    for row in plan(budget_gib, seq):
+        for batch in sorted({cfg.batch_size, row["max_micro_batch"]} - {0}):
+            spec = dict(preset="l1-gpu-compatible", dtype="bf16", batch=batch, seq=seq, grad_ckpt=row["grad_ckpt"],
+                        flash=True, device=device, cap_gib=cap_gib)
+            result = _run_child(spec)
+            estimate = estimate_training_bytes(cfg.model, batch, seq, torch.bfloat16, row["grad_ckpt"], "flash",
+                                               "cuda")["total"]
+            fits = "measured" in result  # the cap bounds what the allocator reserves: past it, out of memory
+            failures += not fits
+            emit(kind="flagship", **{k: v for k, v in spec.items() if k != "device"},
+                 plan_max=batch == row["max_micro_batch"], fits_under_cap=fits, estimate_gib=estimate / GIB,
+                 measured_gib=result["measured"] / GIB if "measured" in result else None,
+                 reserved_gib=result["measured_reserved"] / GIB if "measured" in result else None,
+                 out_of_memory=result.get("out_of_memory", False), error=result.get("error"))
+    return failures
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--sizes", nargs="*", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     parser.add_argument("--math", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure tiny with the math attention path (B x H x T x T saved)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--budget_gib", type=float, default=15.0, help="usable memory of the 16 GB GPU")
     parser.add_argument("--seq", type=int, default=1024, help="sequence length of the 16 GB plan")
+    parser.add_argument("--flagship", action="store_true", help="measure the 16 GB plan on the GPU under --cap_gib")
+    parser.add_argument("--cap_gib", type=float, default=0.0,
+                        help="cap each child's CUDA memory at this many GiB (0: no cap; --flagship: --budget_gib)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        return _child(json.loads(args.child))
+        _child(json.loads(args.child))
+        return 0
     emit(kind="setup", **machine())
     specs = [dict(preset=name, dtype=dtype, batch=SIZES[name][dtype][0], seq=SIZES[name][dtype][1],
                   grad_ckpt=grad_ckpt, flash=True)
              for name in args.sizes for dtype in args.dtypes for grad_ckpt in (False, True)]
-    if args.math:
+    if args.math and "tiny" in args.sizes:
         specs.append(dict(preset="tiny", dtype="fp32", batch=4, seq=256, grad_ckpt=False, flash=False))
-    worst = 0.0
+    worst, failures = None, 0
     for spec in specs:
-        result = _run_child({**spec, "device": args.device})
+        result = _run_child({**spec, "device": args.device, "cap_gib": args.cap_gib})
+        if "measured" not in result:
+            failures += 1
+            emit(kind="memory_error", **spec, device=args.device, error=result.get("error"),
+                 out_of_memory=result.get("out_of_memory", False))
+            continue
         cfg = resolve({"preset": spec["preset"]}).model
         amp = torch.bfloat16 if spec["dtype"] == "bf16" else None
         device_type = torch.device(args.device).type
@@ -311,8 +383,9 @@ def main(argv=None) -> None:
         estimate = estimate_training_bytes(cfg, spec["batch"], spec["seq"], amp, spec["grad_ckpt"], attention,
                                            device_type)
         error = estimate["total"] / result["measured"] - 1
-        worst = max(worst, abs(error))
+        worst = max(worst or 0.0, abs(error))
         emit(kind="memory", **spec, attention=attention, device=args.device, measured_mib=result["measured"] / 2**20,
+             measured_reserved_mib=result["measured_reserved"] / 2**20,
              estimate_mib=estimate["total"] / 2**20, estimate_error=error,
              measured_rss_mib=result["measured_rss"] / 2**20,
              saved_for_backward_mib=result["saved_for_backward"] / 2**20,
@@ -320,10 +393,13 @@ def main(argv=None) -> None:
              peak_phase=max(("loss", "backward_start", "first_block", "last_block", "backward_end"),
                             key=lambda k: estimate[k]),
              parts_mib={k: round(v / 2**20, 1) for k, v in estimate.items()}, step_s=result["seconds"])
-    emit(kind="agreement", configurations=len(specs), worst_estimate_error=worst)
+    emit(kind="agreement", configurations=len(specs), failures=failures, worst_estimate_error=worst)
     for row in plan(args.budget_gib, args.seq):
         emit(**row)
+    if args.flagship:
+        failures += flagship(args.budget_gib, args.seq, args.cap_gib or args.budget_gib, args.device)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

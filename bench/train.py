@@ -8,7 +8,8 @@ The contenders: L1's GPT; LlamaForCausalLM with the very same weights (l1/hf.py)
 with L1's width and depth and a GELU MLP as wide as SwiGLU's three matrices (equal matmul
 parameters). All (contender, eager/compiled) pairs of one dtype run in turns, together with GEMMs
 of the shapes that dominate the step, so the machine's noise hits all alike; the GEMMs' best
-median FLOP/s is the roofline that MFU is quoted against. FLOPs per token are L1's
+median FLOP/s is the roofline that MFU is quoted against (on CUDA, mfu_datasheet beside it
+divides by the card's dense datasheet peak, as the trainer's log does: runtime.mfu_peak). FLOPs per token are L1's
 GPT.flops_per_token for every contender. bf16 autocast is measured by default only where the
 CPU computes bf16 natively (elsewhere it is several times slower than fp32): ask for it with
 --dtypes fp32 bf16. Prints one JSON object per measurement, then one summary per shape: L1's
@@ -130,6 +131,8 @@ def measure_group(shape: str, dtype: str, modes: list[str], repeats: int, warmup
     load_before = os.getloadavg()[0]
     seconds = interleaved({**steps, **{("gemm", s): run for s, (run, _) in gemms.items()}}, repeats)
     roofline = max(flops / seconds[("gemm", s)] for s, (_, flops) in gemms.items())
+    datasheet = runtime.datasheet_peak(torch.cuda.get_device_name(device), amp or torch.float32) \
+        if device.type == "cuda" else None
     records = []
     for (contender, mode), step_s in steps_only(seconds):
         tokens_per_s = batch * seq / step_s
@@ -138,6 +141,7 @@ def measure_group(shape: str, dtype: str, modes: list[str], repeats: int, warmup
                             repeats=repeats, step_s=step_s, tokens_per_s=tokens_per_s,
                             flops_per_token=flops_per_token, flops_per_s=flops_per_token * tokens_per_s,
                             roofline=roofline, mfu=flops_per_token * tokens_per_s / roofline,
+                            mfu_datasheet=flops_per_token * tokens_per_s / datasheet if datasheet else None,
                             load_avg=[load_before, os.getloadavg()[0]]))
     return records
 
@@ -164,6 +168,7 @@ def summarize(shape: str, records: list[dict], default_dtype: str, default_compi
     best_l1 = max((r for r in records if r["contender"] == "l1"), key=lambda r: r["tokens_per_s"])
     return dict(kind="summary", shape=shape, l1_default=label(default),
                 l1_default_tokens_per_s=default["tokens_per_s"], l1_default_mfu=default["mfu"],
+                l1_default_mfu_datasheet=default["mfu_datasheet"],
                 best_peer=label(best_peer), best_peer_tokens_per_s=best_peer["tokens_per_s"],
                 best_peer_mfu=best_peer["mfu"], ratio_default_vs_best_peer=default["ratio_vs_best_peer"],
                 best_l1=label(best_l1), best_l1_mfu=best_l1["mfu"],

@@ -1,8 +1,9 @@
 """Text source -> prepared token shards -> deterministic, resumable batches.
 
-Sources, all read streamed through `datasets` so that the hub and local files take one code path:
-any hub dataset, config and split (Simple English Wikipedia by default), or local .parquet,
-.jsonl/.json (a text column or field) and .txt files (one file, one document), or a folder of them.
+Sources, all read streamed in Arrow batches: any hub dataset, config and split (Simple English
+Wikipedia by default), or local .parquet, .jsonl/.json (a text column or field) and .txt files
+(one file, one document), or a folder of them; through `datasets`, but for parquet files, which
+pyarrow reads itself (so that a machine without `datasets` trains on them).
 
 A corpus is prepared once into <data_dir>/<name>/, in two streamed passes whose memory does not
 grow with the corpus:
@@ -199,11 +200,34 @@ def _hub_unreachable_reason(timeout: float = 3.0) -> str | None:
     return None if reached else f"no connection to {HUB_HOST}:443"
 
 
-def _readers(cfg: DataConfig, cache_dir: Path, log) -> list[tuple[str, str, partial]]:
-    """(origin, text column, opener of a streamed dataset) for each part of the source: the hub
-    dataset, or each run of consecutive local files of one kind."""
+def _parquet_tables(paths: list[str]) -> Iterator[pa.Table]:
+    """Local parquet files in Arrow batches of 1024 rows, read by pyarrow itself: a machine
+    without the `datasets` package (bench.gpu's) still reads them."""
+    import pyarrow.parquet as pq
+
+    for path in paths:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield pa.Table.from_batches([batch])
+
+
+def _dataset_tables(open_dataset) -> Iterator[pa.Table]:
+    """A streamed `datasets` dataset in Arrow batches of 1024 rows."""
+    return open_dataset().with_format("arrow").iter(batch_size=1024)
+
+
+def _datasets():
+    """The `datasets` package, quiet; imported only for the sources that need it (the hub,
+    json and text files)."""
     import datasets
 
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
+
+
+def _readers(cfg: DataConfig, cache_dir: Path, log) -> list[tuple[str, str, partial]]:
+    """(origin, text column, opener of its Arrow batches) for each part of the source: the hub
+    dataset, or each run of consecutive local files of one kind."""
     if cfg.data == "hub":
         reason = _hub_unreachable_reason()
         if reason:
@@ -212,7 +236,8 @@ def _readers(cfg: DataConfig, cache_dir: Path, log) -> list[tuple[str, str, part
         log(f"reading {cfg.hub_dataset} ({cfg.hub_config}, split {cfg.hub_split}) from the Hugging Face hub, streamed")
         # Streamed: nothing is kept but the hub's own small cache of file lists.
         return [(f"{cfg.hub_dataset} ({cfg.hub_config})", cfg.text_column,
-                 partial(datasets.load_dataset, cfg.hub_dataset, cfg.hub_config, split=cfg.hub_split, streaming=True))]
+                 partial(_dataset_tables, partial(_datasets().load_dataset, cfg.hub_dataset, cfg.hub_config,
+                                                  split=cfg.hub_split, streaming=True)))]
     files = [p for p in _local_files(Path(cfg.data)) if p.stat().st_size > 0]  # datasets fails on empty json
     log(f"reading {len(files)} file(s) from {cfg.data}")
     readers = []
@@ -221,9 +246,12 @@ def _readers(cfg: DataConfig, cache_dir: Path, log) -> list[tuple[str, str, part
         origin = group[0] if len(group) == 1 else f"{len(group)} {kind} files of {cfg.data}"
         if kind == "text":  # not datasets' reader: it holds a whole file in memory (three times)
             readers.append((origin, None, partial(map, TextFile, group)))
+        elif kind == "parquet":  # pyarrow reads it itself: no `datasets` needed (a GPU box may lack it)
+            readers.append((origin, cfg.text_column, partial(_parquet_tables, group)))
         else:
-            readers.append((origin, cfg.text_column, partial(datasets.load_dataset, kind, data_files=group,
-                                                             split="train", streaming=True, cache_dir=str(cache_dir))))
+            readers.append((origin, cfg.text_column,
+                            partial(_dataset_tables, partial(_datasets().load_dataset, kind, data_files=group,
+                                                             split="train", streaming=True, cache_dir=str(cache_dir)))))
     return readers
 
 
@@ -288,16 +316,12 @@ def _texts(cfg: DataConfig, cache_dir: Path, log) -> Iterator:
     """The documents of the source: the values of the text column (str or None; ArrowText if long),
     streamed in Arrow batches (no per-row formatting of the other columns), and a TextFile for each
     .txt file."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    for origin, column, open_dataset in _readers(cfg, cache_dir, log):
+    for origin, column, open_tables in _readers(cfg, cache_dir, log):
         if column is None:
-            yield from open_dataset()
+            yield from open_tables()
             continue
         try:
-            for table in open_dataset().with_format("arrow").iter(batch_size=1024):
+            for table in open_tables():
                 if column not in table.column_names:
                     raise L1Error(f"{origin} has no '{column}' column (found: {', '.join(table.column_names) or 'none'}); "
                                   "name it with --text_column")

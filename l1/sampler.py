@@ -2,7 +2,8 @@
 
 The prompt is processed once (prefill, the last position's logits only); each new token is then
 one static-shape step through the cache (its position and slot as tensors, attention over every
-slot with a mask), which Decoder can compile into one graph (CUDA graphs on a GPU). Weights can
+slot with a mask, the sampling of the next token included), which Decoder can compile into one
+graph (CUDA graphs on a GPU, replayed from call to call on the state it keeps per batch size). Weights can
 be int8 or bf16 for inference (prepare), read once per token: decoding is memory-bound.
 Several prompts decode together, left-padded, with a key mask and per-row positions. When the text outgrows the context, the newest half of the context is kept
 and re-prefilled into the same cache. A prompt longer than the context is refused rather than
@@ -111,8 +112,10 @@ class Int8Linear(nn.Module):
     """A bias-free linear layer with int8 weights and one symmetric scale per output channel.
 
     Weight-only quantization: activations stay in `dtype`, so each token reads a quarter of the
-    fp32 weight bytes. The matmul is torch's int8 weight-pack kernel where the device has one
-    (CPU), else the dequantizing matmul that torch.compile fuses (gpt-fast's).
+    fp32 weight bytes. On CPU the matmul is torch's int8 weight-pack kernel; elsewhere it is the
+    dequantizing matmul that torch.compile fuses into the compiled decoding step (gpt-fast's
+    form): CUDA's _weight_int8pack_mm is a naive kernel (one thread per output, uncoalesced
+    reads), slower than bf16 weights at decoding and far slower at prefill.
     """
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
@@ -121,8 +124,7 @@ class Int8Linear(nn.Module):
         scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
         self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8))
         self.register_buffer("scale", scale.to(dtype))
-        self.packed = torch._C._dispatch_has_kernel_for_dispatch_key(
-            "aten::_weight_int8pack_mm", torch._C._dispatch_key_for_device(weight.device.type))
+        self.packed = weight.device.type == "cpu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
@@ -169,14 +171,30 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
+def sampling_noise(cfg: SamplingConfig, rows: int, width: int, generator: torch.Generator) -> torch.Tensor | None:
+    """The random draw of one sampling step: Exp(1) noise per row and token (None when greedy),
+    drawn from the generator, outside any compiled graph (which cannot take a generator)."""
+    if cfg.temperature == 0:
+        return None
+    return torch.empty((rows, width), device=generator.device).exponential_(generator=generator)
+
+
 def next_tokens(logits: torch.Tensor, seen: torch.Tensor | None, cfg: SamplingConfig, vocab_size: int,
                 generator: torch.Generator) -> torch.Tensor:
     """One token per row from the last position's logits (B, V); temperature 0 is greedy."""
+    return pick_tokens(logits, seen, cfg, vocab_size, sampling_noise(cfg, *logits.shape, generator))
+
+
+def pick_tokens(logits: torch.Tensor, seen: torch.Tensor | None, cfg: SamplingConfig, vocab_size: int,
+                noise: torch.Tensor | None) -> torch.Tensor:
+    """next_tokens with its random draw given (sampling_noise's). Sampling is the exponential
+    race: the argmax of p / E with E ~ Exp(1) picks token i with probability p_i, as multinomial
+    does, but in plain tensor ops that compile into the decoding step."""
     logits = repetition_penalty(mask_invalid(logits.float(), vocab_size), seen, cfg.repetition_penalty)
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
     logits = top_p_filter(top_k_filter(logits / cfg.temperature, cfg.top_k), cfg.top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    return (logits.softmax(dim=-1) / noise[:, :logits.shape[-1]]).argmax(dim=-1)
 
 
 # ---- incremental decoding of text ---------------------------------------------------------------
@@ -258,54 +276,109 @@ class Detokenizer:
 
 # ---- decoding -----------------------------------------------------------------------------------
 
-def _decode(model: GPT, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
-            key_mask: torch.Tensor) -> torch.Tensor:
-    """One static decoding step (see KVCache): the next logits (B, V) of tokens (B, 1)."""
-    return model(tokens, cache=cache, positions=positions, key_mask=key_mask)[:, -1]
+# Decoded tokens are read back to the host (for end-of-text, stop strings and streaming) every
+# this many steps on a GPU, so that the GPU runs ahead instead of waiting on the host each token;
+# a finished text costs at most this many ignored steps. A CPU has nothing to run ahead of.
+HOST_SYNC_EVERY = {"cuda": 8}
+
+
+def _decode(model: GPT, tokens: torch.Tensor, state: DecodeState, noise: torch.Tensor | None,
+            cfg: SamplingConfig, vocab_size: int) -> torch.Tensor:
+    """One static decoding step, bookkeeping and sampling included: each row's token (B,) goes
+    through the cache at state's slot, then the slot, positions and key mask advance and the
+    next tokens (B,) are sampled (and marked seen, for the repetition penalty), all in tensors,
+    so that the whole step is one graph."""
+    state.key_mask.index_fill_(1, state.cache.slot, True)
+    logits = model(tokens[:, None], cache=state.cache, positions=state.positions, key_mask=state.key_mask)[:, -1]
+    state.cache.slot += 1
+    state.positions += 1
+    nxt = pick_tokens(logits, state.seen, cfg, vocab_size, noise)
+    if state.seen is not None:
+        state.seen.scatter_(1, nxt[:, None], True)
+    return nxt
+
+
+@dataclass
+class DecodeState:
+    """What a decoding step reads and updates in place: the KV cache (and its slot), the key
+    mask, the next positions, the tokens already seen. Kept by the Decoder per batch size and
+    cache length, so that a compiled step's CUDA graph finds them at the same addresses on every
+    generate() call instead of recording a new graph."""
+
+    cache: KVCache
+    slot: torch.Tensor  # (1,): the cache slot of the next token (the cache's own while decoding)
+    key_mask: torch.Tensor  # (B, slots) bool: which slots each row may attend to
+    positions: torch.Tensor  # (B, 1): the position of each row's next token
+    seen: torch.Tensor | None  # (B, padded vocab) bool, with a repetition penalty only
 
 
 class Decoder:
-    """A model's static decoding step, eager or compiled.
+    """A model's static decoding step, eager or compiled, with its persistent decoding states.
 
-    Compiled, the step is traced once per batch size with the cache length left dynamic, so a
-    longer text needs no new compilation; on CUDA with CUDA graphs ("reduce-overhead"), whose
-    caches stay at fixed addresses. Where compilation fails, one line is logged and the step
-    runs eagerly (runtime.compile_function).
+    Compiled, the step is traced once per batch size and sampling setting, with the cache length
+    left dynamic, so that a longer text needs no new compilation; on CUDA with CUDA graphs
+    ("reduce-overhead"), whose inputs that the step updates stay at fixed addresses (the states
+    are kept and reused). Where compilation fails, one line is logged and the step runs eagerly
+    (runtime.compile_function).
     """
 
     def __init__(self, model: GPT, compiled: bool = False, log: Callable[[str], None] = print):
-        self.model = model
-        self.compiled = compiled
-        if compiled:
-            cuda = model.norm.weight.device.type == "cuda"
-            self.step = runtime.compile_function(_decode, log, dynamic=True, mode="reduce-overhead" if cuda else None)
-        else:
-            self.step = _decode
+        self.model, self.compiled, self.log = model, compiled, log
+        self.states: dict[tuple[int, int, bool], DecodeState] = {}
+        self.steps: dict[tuple, Callable] = {}
 
-    def cache(self, rows: int, slots: int) -> KVCache:
-        """An empty KV cache in the model's activation dtype."""
-        norm = self.model.norm.weight
-        cache = KVCache(self.model.cfg, rows, slots, device=norm.device, dtype=norm.dtype)
-        if self.compiled:  # CUDA graphs write it in place rather than through a copy
-            for t in cache.k + cache.v:
-                torch._dynamo.mark_static_address(t)
-        return cache
+    def state(self, rows: int, slots: int, seen: bool) -> DecodeState:
+        """The decoding state of this batch size and cache length, emptied (stale cache slots are
+        masked out, never read)."""
+        key = (rows, slots, seen)
+        if key not in self.states:
+            norm = self.model.norm.weight
+            device = norm.device
+            cache = KVCache(self.model.cfg, rows, slots, device=device, dtype=norm.dtype)
+            state = DecodeState(cache, torch.zeros(1, dtype=torch.long, device=device),
+                                torch.zeros((rows, slots), dtype=torch.bool, device=device),
+                                torch.zeros((rows, 1), dtype=torch.long, device=device),
+                                torch.zeros((rows, self.model.cfg.padded_vocab_size), dtype=torch.bool, device=device)
+                                if seen else None)
+            if self.compiled:  # CUDA graphs update them in place rather than through copies
+                for t in [*cache.k, *cache.v, state.slot, state.key_mask, state.positions,
+                          *([state.seen] if seen else [])]:
+                    torch._dynamo.mark_static_address(t)
+            self.states[key] = state
+        state = self.states[key]
+        state.key_mask.zero_()
+        if state.seen is not None:
+            state.seen.zero_()
+        return state
 
-    def __call__(self, tokens, cache, positions, key_mask) -> torch.Tensor:
-        if self.compiled:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
-        return self.step(self.model, tokens, cache, positions, key_mask)
+    def __call__(self, tokens: torch.Tensor, state: DecodeState, noise: torch.Tensor | None, cfg: SamplingConfig,
+                 vocab_size: int) -> torch.Tensor:
+        """The next tokens (B,) after tokens (B,)."""
+        if not self.compiled:
+            return _decode(self.model, tokens, state, noise, cfg, vocab_size)
+        key = (cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, vocab_size)
+        if key not in self.steps:  # the sampling setting is a constant of its graph (a closure's)
+            def step(model, tokens, state, noise):
+                return _decode(model, tokens, state, noise, cfg, vocab_size)
+
+            cuda = self.model.norm.weight.device.type == "cuda"
+            self.steps[key] = runtime.compile_function(step, self.log, dynamic=True,
+                                                       mode="reduce-overhead" if cuda else None)
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's tokens are consumed
+        return self.steps[key](self.model, tokens, state, noise).clone()  # the graph's output is reused
 
 
 def compile_decoder(lm: LoadedModel, log: Callable[[str], None] = print) -> None:
-    """Give lm a compiled decoding step, warmed up at batch 1 (the one-off compilation is logged
-    with its time); where the device cannot compile, say so and keep decoding eagerly."""
+    """Give lm a compiled decoding step, warmed up at batch 1 past CUDA graphs' recording (the
+    one-off compilation is logged with its time); where the device cannot compile, say so and
+    keep decoding eagerly."""
     if lm.device.type == "cpu" and runtime.cpp_compiler() is None:
         log("no C++ compiler for torch.compile's CPU kernels (install g++ or set CXX): decoding eagerly")
         return
     lm.decoder = Decoder(lm.model, compiled=True, log=log)
     start = time.perf_counter()
-    generate_ids(lm.decoder, [[0]], SamplingConfig(temperature=0, max_tokens=2), vocab_size=lm.tokenizer.vocab_size,
+    # cudagraph trees run a graph eagerly once, then record it, then replay: 4 tokens pass all three.
+    generate_ids(lm.decoder, [[0]], SamplingConfig(temperature=0, max_tokens=4), vocab_size=lm.tokenizer.vocab_size,
                  eot_id=None)
     log(f"decoding step compiled and warmed up in {time.perf_counter() - start:.1f} s")
 
@@ -318,18 +391,25 @@ def cache_slots(needed: int, block_size: int) -> int:
 
 
 class _ContextWindow:
-    """The rows' token histories and a static KV cache over the newest of them (left-padded to one width)."""
+    """The rows' token histories and a static decoding state over the newest of them (left-padded
+    to one width)."""
 
-    def __init__(self, decoder: Decoder, rows: list[list[int]], max_new: int):
+    def __init__(self, decoder: Decoder, rows: list[list[int]], max_new: int, penalty: bool = False):
         self.model, self.decoder, self.rows = decoder.model, decoder, rows
         self.block = self.model.cfg.block_size
         width = max(len(r) for r in rows)
         # Only as many slots as this generation can fill; a slide needs the whole context.
-        self.cache = decoder.cache(len(rows), cache_slots(width + max_new, self.block))
-        device = self.cache.k[0].device
-        self.key_mask = torch.zeros((len(rows), self.cache.max_len), dtype=torch.bool, device=device)
-        self.positions = torch.zeros((len(rows), 1), dtype=torch.long, device=device)  # of the next token
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # its cache slot, = cache.length
+        self.state = decoder.state(len(rows), cache_slots(width + max_new, self.block), penalty)
+        self.cache = self.state.cache
+        if penalty:
+            device = self.cache.k[0].device
+            for i, ids in enumerate(rows):
+                self.state.seen[i, torch.tensor(ids, device=device)] = True
+
+    @property
+    def full(self) -> bool:
+        """Whether the next step must first slide the context (see step)."""
+        return self.cache.length == self.block
 
     def prefill(self, keep: int) -> torch.Tensor:
         """Run each row's last `keep` tokens through the emptied cache; the last position's logits."""
@@ -348,23 +428,28 @@ class _ContextWindow:
             logits = self.model(ids, cache=self.cache, last=True)[:, -1]
         else:
             logits = self.model(ids, cache=self.cache, positions=positions, key_mask=real, last=True)[:, -1]
-        self.key_mask.zero_()
-        self.key_mask[:, :width] = real
-        self.positions.copy_(positions[:, -1:] + 1)
-        self.slot.fill_(width)
-        self.cache.slot = self.slot
+        self.state.key_mask.zero_()
+        self.state.key_mask[:, :width] = real
+        self.state.positions.copy_(positions[:, -1:] + 1)
+        self.state.slot.fill_(width)
+        self.cache.slot = self.state.slot
         return logits
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One token per row through the cache; a full context first slides to its newest half."""
-        if self.cache.length == self.block:
-            return self.prefill(self.block // 2)
-        self.key_mask[:, self.cache.length] = True
-        logits = self.decoder(tokens[:, None], self.cache, self.positions, self.key_mask)
+    def sample(self, logits: torch.Tensor, cfg: SamplingConfig, vocab_size: int, noise) -> torch.Tensor:
+        """Eager sampling after a prefill (the step samples on its own), marking the tokens seen."""
+        tokens = pick_tokens(logits, self.state.seen, cfg, vocab_size, noise)
+        if self.state.seen is not None:
+            self.state.seen.scatter_(1, tokens[:, None], True)
+        return tokens
+
+    def step(self, tokens: torch.Tensor, cfg: SamplingConfig, vocab_size: int, noise) -> torch.Tensor:
+        """One token per row through the cache, and the next ones sampled; a full context first
+        slides to its newest half (the rows' histories must then be up to date)."""
+        if self.full:
+            return self.sample(self.prefill(self.block // 2), cfg, vocab_size, noise)
+        tokens = self.decoder(tokens, self.state, noise, cfg, vocab_size)
         self.cache.length += 1
-        self.slot += 1
-        self.positions += 1
-        return logits
+        return tokens
 
 
 @torch.inference_mode()
@@ -375,7 +460,8 @@ def generate_ids(model: GPT | Decoder, prompts: list[list[int]], cfg: SamplingCo
 
     model: a model (decoded eagerly) or its Decoder. A prompt longer than the context is read
     from its newest block_size tokens. A row ends at eot_id (not included; None: never), after
-    cfg.max_tokens, or when on_token(row, token) is true.
+    cfg.max_tokens, or when on_token(row, token) is true. Tokens reach the host (and on_token)
+    every HOST_SYNC_EVERY steps on a GPU (the first one at once), every step elsewhere.
     generator: the random stream (default: seeded by cfg.seed).
     """
     decoder = model if isinstance(model, Decoder) else Decoder(model)
@@ -383,39 +469,39 @@ def generate_ids(model: GPT | Decoder, prompts: list[list[int]], cfg: SamplingCo
     device = model.norm.weight.device
     if generator is None:
         generator = torch.Generator(device).manual_seed(cfg.seed)
-    window = _ContextWindow(decoder, [list(p) for p in prompts], cfg.max_tokens)
+    window = _ContextWindow(decoder, [list(p) for p in prompts], cfg.max_tokens, cfg.repetition_penalty != 1.0)
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    seen = _seen(prompts, model.cfg.padded_vocab_size, device) if cfg.repetition_penalty != 1.0 else None
-    row_index = torch.arange(len(prompts), device=device)
-    logits = window.prefill(model.cfg.block_size)
-    for step in range(cfg.max_tokens):
-        tokens = next_tokens(logits, seen, cfg, vocab_size, generator)
-        for i, token in enumerate(tokens.tolist()):
-            if done[i]:
-                continue
-            if token == eot_id:
-                done[i] = True
-                continue
-            window.rows[i].append(token)
-            generated[i].append(token)
-            if on_token is not None and on_token(i, token):
-                done[i] = True
-        if all(done) or step + 1 == cfg.max_tokens:
-            break
-        if seen is not None:
-            seen[row_index, tokens] = True
+    every = HOST_SYNC_EVERY.get(device.type, 1)
+    width = model.cfg.padded_vocab_size
+
+    def noise():
+        return sampling_noise(cfg, len(prompts), width, generator)
+
+    tokens = window.sample(window.prefill(model.cfg.block_size), cfg, vocab_size, noise())
+    pending, produced = [tokens], 1
+    while True:
+        # The first token at once (time to first token); then every `every` steps, at the end, before a slide.
+        if len(pending) == every or produced in (1, cfg.max_tokens) or window.full:
+            for step_tokens in torch.stack(pending).tolist():  # one host sync for the pending steps
+                for i, token in enumerate(step_tokens):
+                    if done[i]:
+                        continue
+                    if token == eot_id:
+                        done[i] = True
+                        continue
+                    window.rows[i].append(token)
+                    generated[i].append(token)
+                    if on_token is not None and on_token(i, token):
+                        done[i] = True
+            pending = []
+            if all(done) or produced == cfg.max_tokens:
+                break
         # Finished rows keep decoding their (ignored) tokens: rows never see each other.
-        logits = window.step(tokens)
+        tokens = window.step(tokens, cfg, vocab_size, noise())
+        pending.append(tokens)
+        produced += 1
     return generated
-
-
-def _seen(prompts: list[list[int]], width: int, device) -> torch.Tensor:
-    """(B, width) bool: the ids already in each row's text, for the repetition penalty."""
-    seen = torch.zeros((len(prompts), width), dtype=torch.bool, device=device)
-    for i, ids in enumerate(prompts):
-        seen[i, ids] = True
-    return seen
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: list[str], block_size: int) -> list[list[int]]:

@@ -436,14 +436,19 @@ def _run_tokenizer(run_dir: Path, resumed: dict, recorded: dict | None) -> str:
 def auto_batch_size(cfg: TrainConfig, rt: runtime.Runtime, log) -> TrainConfig:
     """--batch_size auto: the config whose micro-batch is the largest that fits this GPU (the
     smallest over all ranks, so every rank runs the same micro-steps), found by a short probe on a
-    throw-away model, while the sequences per optimizer step stay the preset's. The sizes found
-    are stored with the run (training_args.json)."""
+    throw-away model wrapped as training runs it (activation checkpointing, compile), while the
+    sequences per optimizer step stay the preset's. The sizes found are stored with the run
+    (training_args.json). Each rank probes alone, unsharded: no collective waits on a rank that
+    ran out of memory, and FSDP's shards only lower the peak."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model).to(rt.device)
-    step = runtime.probe_step(model, rt.precision, cfg.model.vocab_size, cfg.context, rt.device)
+    alone = dataclasses.replace(rt, dist=runtime.Distributed())
+    compiled = runtime.use_compile(rt.device, cfg.compile, float("inf"))
+    _, forward = runtime.parallelize(model, alone, grad_ckpt=cfg.grad_ckpt, compile=compiled, fsdp=False, log=log)
+    step = runtime.probe_step(model, forward, rt.precision, cfg.model.vocab_size, cfg.context, rt.device)
     optimizer_bytes = 2 * 4 * cfg.model.num_params  # AdamW's two fp32 moments
     largest = runtime.largest_batch(runtime.cuda_batch_fits(step, rt.device, optimizer_bytes), limit=512)
-    del model
+    del model, forward, step
     largest = int(runtime.all_reduce_min(torch.tensor(largest, device=rt.device), rt.dist).item())
     if largest == 0:
         raise L1Error(f"not even one sequence of {cfg.context} tokens fits this GPU; try --grad_ckpt, "
@@ -479,13 +484,14 @@ class _Run:
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg.model).to(self.device)
         self.flops_per_token = self.model.flops_per_token(cfg.context)
-        self.peak = runtime.matmul_peak_flops(self.device, self.precision.compute_dtype)
+        runtime.seed_rank(cfg.seed, self.dist)  # the same weights everywhere, then each rank its own dropout
+        self.peak = runtime.mfu_peak(self.device, self.precision.compute_dtype)
         self.remaining_seconds = self._remaining_seconds()
         expected = min(self.remaining_seconds, cfg.max_minutes * 60) if cfg.max_minutes else self.remaining_seconds
         self.compiled = runtime.use_compile(self.device, cfg.compile, expected)
         self.wrapped, self.forward = runtime.parallelize(self.model, rt, grad_ckpt=cfg.grad_ckpt,
                                                          compile=self.compiled, fsdp=cfg.fsdp, log=log)
-        self.compiled = self.forward is not self.wrapped  # False where torch.compile is unsupported
+        self.compiled = self.compiled and torch._dynamo.is_dynamo_supported()  # as parallelize decided
         self.optimizers = _optimizers(self.model, cfg, self.device)
         self.scaler = self.precision.grad_scaler()
         self.tokens_seen, self.best_val, self.saved_step = 0, float("inf"), -1
@@ -532,7 +538,7 @@ class _Run:
         if not self.cfg.max_steps:  # no step limit: only the time budget bounds the run
             return float("inf")
         remaining = (self.cfg.max_steps - self.step) * self.tokens_per_step * self.flops_per_token
-        return remaining / (self.peak * ASSUMED_CPU_MFU)
+        return remaining / (self.peak.roofline * ASSUMED_CPU_MFU)
 
     def _state(self) -> dict:
         """Everything a resume needs (a collective under FSDP: every rank calls it); _load_state is
@@ -551,7 +557,7 @@ class _Run:
             "best_epoch": self.best_epoch,
             "evals_since_best": self.evals_since_best,
             "train_seconds": self.train_seconds,  # the time budget's clock (--max_minutes)
-            "rng": runtime.rng_state(self.device),
+            "rng": runtime.rng_state(self.device, self.dist),
             "model_config": dataclasses.asdict(self.cfg.model),
             "train_config": self.cfg.to_dict(),
             "tokenizer_fingerprint": self.tokenizer.fingerprint,
@@ -576,7 +582,7 @@ class _Run:
         # Checkpoints written before early stopping and time budgets existed lack these counters.
         self.best_step, self.best_epoch = state.get("best_step", -1), state.get("best_epoch", 0)
         self.evals_since_best, self.train_seconds = state.get("evals_since_best", 0), state.get("train_seconds", 0.0)
-        runtime.set_rng_state(state["rng"], self.device)
+        runtime.set_rng_state(state["rng"], self.device, self.dist)
 
     def _announce(self):
         cfg = self.cfg
@@ -593,7 +599,8 @@ class _Run:
         self.log(f"device {self.device}, precision {amp.compute_dtype if amp.amp else 'fp32'}"
                  f"{' autocast' if amp.amp else ''}{''.join(muon)}, compile {'on' if self.compiled else 'off'}, "
                  f"grad checkpointing {'on' if cfg.grad_ckpt else 'off'}, "
-                 f"{self.tokens_per_step:,} tokens/step, matmul roofline {self.peak / 1e12:.3g} TFLOP/s")
+                 f"{self.tokens_per_step:,} tokens/step")
+        self.log(self.peak.describe())
         if not HAS_MATPLOTLIB:
             self.log("matplotlib is not installed: no loss.png (pip install matplotlib to get it)")
         if cfg.max_minutes:
@@ -800,7 +807,7 @@ class _Run:
 
     def _log_train(self, stats: dict) -> None:
         tokens_per_s = stats["tokens"] / stats["seconds"]
-        mfu = tokens_per_s * self.flops_per_token / (self.peak * self.dist.world_size)
+        mfu = tokens_per_s * self.flops_per_token / (self.peak.flops * self.dist.world_size)
         step_seconds = stats["seconds"] / stats["steps"]
         etas = [(self.cfg.max_steps - self.step) * step_seconds] if self.cfg.max_steps else []
         if self.cfg.max_minutes:
@@ -811,10 +818,11 @@ class _Run:
         total = f"/{self.cfg.max_steps}" if self.cfg.max_steps else ""
         self.log(f"step {self.step}{total} epoch {self.batches.epoch} loss {stats['loss']:.4f} "
                  f"lr {lr:.2e} grad norm {stats['grad_norm']:.3f} tokens/s {tokens_per_s:,.0f} "
-                 f"mfu {100 * mfu:.1f}% mem {memory / 2**30:.2f}GiB eta {_duration(eta)}")
+                 f"mfu {100 * mfu:.1f}% {runtime.memory_text(memory)} eta {_duration(eta)}")
         self.metrics.write(kind="train", step=self.step, epoch=self.batches.epoch, loss=stats["loss"], lr=lr,
                            grad_norm=stats["grad_norm"], tokens_per_s=tokens_per_s, mfu=mfu,
-                           memory_bytes=memory, tokens_seen=self.tokens_seen, train_seconds=self.train_seconds,
+                           memory_bytes=memory["allocated"], memory_reserved_bytes=memory["reserved"],
+                           tokens_seen=self.tokens_seen, train_seconds=self.train_seconds,
                            time=time.time())
 
 

@@ -3,11 +3,16 @@ recipe study's recipes resolve to the configs they promise."""
 
 import argparse
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from bench import recipe
+from conftest import REPO
 from bench.memory import attention_path, estimate_training_bytes, measure
 from l1.config import ModelConfig, preset_dict
 
@@ -107,3 +112,71 @@ def test_fourth_round_recipes_change_what_they_name():
         assert cfg.model.qk_norm and cfg.optimizer == "muon"
         assert cfg == dataclasses.replace(muon, lr=recipe.TEXTBOOK_LR / width, weight_decay=1.0,
                                           model=dataclasses.replace(muon.model, n_embd=width))
+
+
+def test_the_gpu_check_needs_no_datasets_package(corpus, tmp_path):
+    """bench.gpu runs where torch, transformers, tokenizers, numpy, pyarrow, safetensors and pytest
+    are installed but `datasets` is not: its modules import, and a parquet corpus (what it trains
+    the flagship on) is prepared, with any import of `datasets` failing."""
+    blocked = tmp_path / "blocked" / "datasets"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('datasets is not installed here')\n")
+    code = ("import bench.gpu, bench.memory, bench.train, bench.generate, l1.trainer, l1.sampler\n"
+            "from l1.config import DataConfig\nfrom l1.data import prepare\n"
+            f"data = prepare(DataConfig(data={str(corpus)!r}, data_dir={str(tmp_path / 'data')!r}), 512, 0, "
+            "log=lambda line: None)\nprint(len(data.tokens('train')))\n"
+            "try:\n    import datasets\nexcept ImportError:\n    print('blocked')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocked"), str(REPO)])}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    tokens, marker = result.stdout.split()
+    assert int(tokens) > 1000 and marker == "blocked"
+
+
+def test_gpu_check_records_every_failing_part_and_fails(tmp_path, monkeypatch, capsys):
+    """bench.gpu: a part that times out or breaks is recorded in the summary (printed and written
+    to --out) while the other parts still run, and the exit status is 1; with none, 0."""
+    from bench import gpu
+
+    ran = []
+
+    def passing(name, record):
+        def part(*args):
+            ran.append(name)
+            return record
+        return part
+
+    def timing_out(*args):
+        ran.append("flagship")
+        gpu.run([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "slow.log", timeout=0.5)
+
+    monkeypatch.setattr(gpu, "tests", passing("tests", {"tests_exit": 0}))
+    monkeypatch.setattr(gpu, "bench_memory", passing("bench_memory", {"memory_model_worst_error": 0.01}))
+    monkeypatch.setattr(gpu, "flagship", timing_out)
+    out = tmp_path / "summary.json"
+    assert gpu.main(["--cpu_smoke", "--work", str(tmp_path / "work"), "--out", str(out)]) == 1
+    summary = json.loads(out.read_text())
+    assert ran == ["tests", "bench_memory", "flagship"] and summary["passed"] is False
+    assert summary["failures"] == {"flagship": f"timed out after 0 s (log: {tmp_path / 'slow.log'})"}
+    assert summary["tests_exit"] == 0 and summary["memory_model_worst_error"] == 0.01
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+
+    def broken(*args):
+        raise KeyError("resume_bitwise")
+
+    monkeypatch.setattr(gpu, "flagship", broken)
+    assert gpu.main(["--cpu_smoke", "--work", str(tmp_path / "work2"), "--out", str(out)]) == 1
+    assert json.loads(out.read_text())["failures"] == {"flagship": "KeyError: 'resume_bitwise'"}
+    monkeypatch.setattr(gpu, "flagship", passing("flagship", {"resume_bitwise": True}))
+    assert gpu.main(["--cpu_smoke", "--work", str(tmp_path / "work3"), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["passed"] is True
+
+
+def test_a_failed_memory_child_is_reported_not_fatal():
+    """bench.memory: a child that fails gives its error line (the run goes on and exits 1)."""
+    from bench import memory
+
+    result = memory._run_child(dict(preset="no-such-preset", dtype="fp32", batch=1, seq=8, grad_ckpt=False,
+                                    flash=True, device="cpu"))
+    assert "measured" not in result and "no-such-preset" in result["error"]

@@ -4,6 +4,7 @@ recomputation, int8 and bf16 weights against fp32, the dtype rule, the compile f
 import copy
 import dataclasses
 import hashlib
+import re
 
 import pytest
 import torch
@@ -49,8 +50,55 @@ def test_compiled_greedy_equals_eager_token_for_token(compiled):
     # 30 new tokens: a 64-slot cache; 200: the whole 128-slot context, which slides twice.
     for n in (30, 200):
         assert greedy(compiled, prompts, n) == greedy(compiled.model, prompts, n)
-    assert compiled.step.compiled is not None  # compiled indeed, not fallen back to eager
+    assert compiled.steps and all(step.compiled is not None for step in compiled.steps.values())  # not eager
     assert counters["stats"]["unique_graphs"] - graphs <= 1  # one graph for both cache lengths
+
+
+def test_compiled_sampling_in_the_step_equals_eager_sampling(compiled):
+    """The compiled step samples inside its graph (repetition penalty, top-k, top-p, the
+    exponential race on noise drawn from the seeded generator) exactly as the eager step does."""
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    cfg = SamplingConfig(temperature=1.0, top_k=20, top_p=0.9, repetition_penalty=1.3, max_tokens=30, seed=3)
+    ours = sampler.generate_ids(compiled, prompts, cfg, vocab_size=SMALL.vocab_size, eot_id=None)
+    assert ours == sampler.generate_ids(compiled.model, prompts, cfg, vocab_size=SMALL.vocab_size, eot_id=None)
+    assert len({tuple(row) for row in ours}) == 2 and all(len(row) == 30 for row in ours)
+
+
+def test_decoding_states_persist_per_batch_size():
+    """A Decoder keeps each batch size's cache (and mask, positions, slot) from call to call, at
+    the same addresses, which is what lets a CUDA graph replay instead of recording again."""
+    decoder = sampler.Decoder(sampler.prepare(random_model(sharp=True), CPU, "fp32"))
+    prompts = [[1, 2, 3], [4, 5]]
+    first = greedy(decoder, prompts, 20)
+    addresses = {key: [t.data_ptr() for t in state.cache.k] for key, state in decoder.states.items()}
+    assert greedy(decoder, prompts, 20) == first == greedy(decoder.model, prompts, 20)
+    assert {key: [t.data_ptr() for t in state.cache.k] for key, state in decoder.states.items()} == addresses
+    greedy(decoder, [[1, 2, 3]], 20)
+    assert len(decoder.states) == 2  # one more batch size, one more state
+
+
+@pytest.mark.parametrize("every", [1, 3, 8])
+def test_reading_tokens_back_every_n_steps_changes_nothing(monkeypatch, every):
+    """On a GPU tokens reach the host every few steps; ends at end-of-text, at a stop of
+    on_token and at max_tokens, and the context slide, come out exactly as when read every step."""
+    model = sampler.prepare(random_model(), CPU, "fp32")
+    prompts = [[7] * 100, [8, 9, 10]]  # the first row fills the 128-token context: it slides
+    cfg = SamplingConfig(temperature=1.0, top_k=0, max_tokens=60, seed=5)
+    stops = []
+
+    def on_token(row, token):
+        stops.append((row, token))
+        return row == 1 and len([r for r, _ in stops if r == 1]) == 25
+
+    def run():
+        stops.clear()
+        return sampler.generate_ids(model, prompts, cfg, vocab_size=SMALL.vocab_size, eot_id=17, on_token=on_token), \
+            list(stops)
+
+    reference = run()
+    monkeypatch.setitem(sampler.HOST_SYNC_EVERY, "cpu", every)
+    assert run() == reference
+    assert len(reference[0][1]) <= 25 and any(len(row) < 60 for row in reference[0])
 
 
 def test_compiled_step_writes_the_cache_in_place():
@@ -62,9 +110,14 @@ def test_compiled_step_writes_the_cache_in_place():
     window = sampler._ContextWindow(decoder, [[1, 2, 3]], 100)
     with torch.inference_mode():
         window.prefill(SMALL.block_size)
-        _, code = run_and_get_code(window.step, torch.tensor([5]))
-    assert decoder.step.compiled is not None and code
-    assert all("index_put" in c and "copy_" not in c for c in code)
+        _, code = run_and_get_code(window.step, torch.tensor([5]), SamplingConfig(temperature=0), SMALL.vocab_size,
+                                   None)
+    assert all(step.compiled is not None for step in decoder.steps.values()) and code
+    # The step's small in-place updates (slot, positions) fuse into the cache-writing kernel; no
+    # kernel or call copies a whole buffer back.
+    kernels = [name for c in code for name in re.findall(r"\b(\w*fused\w*) = async_compile", c)]
+    assert kernels and all("index_put" in name for name in kernels if "copy_" in name)
+    assert not any(re.search(r"aten\.copy_|\.copy_\(", c) for c in code)
 
 
 @pytest.mark.parametrize("cfg", [SMALL, KNOBS], ids=["default", "knobs"])
@@ -97,6 +150,26 @@ def test_int8_linear_is_the_per_channel_quantized_matmul(packed):
     assert ((weight - dequantized).abs() <= layer.scale[:, None] / 2 + 1e-6).all()  # round to nearest
     assert layer.weight.abs().amax(dim=1).eq(127).all()  # each row's largest weight uses the full range
     torch.testing.assert_close(layer(x), x @ dequantized.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_int8_dequantizing_form_of_cuda_equals_the_packed_kernel_of_cpu():
+    """CUDA's int8 path (dequantize, then the float matmul, which torch.compile fuses: gpt-fast's
+    form) computes what the CPU's packed kernel computes, run here on the CPU on the same weights;
+    the packed kernel serves CPUs only (CUDA's is a naive loop)."""
+    model = random_model()
+    idx = torch.randint(0, SMALL.vocab_size, (2, 40))
+    packed = sampler.prepare(copy.deepcopy(model), CPU, "int8")
+    layers = [m for m in packed.modules() if isinstance(m, sampler.Int8Linear)]
+    assert layers and all(layer.packed for layer in layers)
+    with torch.no_grad():
+        expected = packed(idx).float()
+        for layer in layers:
+            layer.packed = False
+        dequantized = packed(idx).float()
+    # The same products; in bf16 activations the two round the scaled sum at different points.
+    bf16 = packed.norm.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(dequantized, expected, rtol=3e-2 if bf16 else 1e-5, atol=3e-2 if bf16 else 1e-5)
+    assert not sampler.Int8Linear(torch.randn(8, 4, device="meta"), torch.bfloat16).packed  # not on a CPU
 
 
 @pytest.mark.parametrize("cfg", [SMALL, KNOBS], ids=["default", "knobs"])

@@ -49,20 +49,24 @@ def single_run(corpus, tmp_path_factory):
 
 
 # DDP with the tiny preset's Muon (each rank orthogonalizes the same all-reduced gradient), FSDP2
-# with AdamW (Muon needs whole matrices and is refused there).
-@pytest.mark.parametrize("mode, optimizer", [("ddp", "muon"), ("fsdp", "adamw")])
+# with AdamW (Muon needs whole matrices and is refused there); fsdp_accum: the same global batch in
+# two micro-steps per rank, through which FSDP2 keeps its parameters gathered.
+@pytest.mark.parametrize("mode, optimizer", [("ddp", "muon"), ("fsdp", "adamw"), ("fsdp_accum", "adamw")])
 def test_two_processes_match_one(corpus, tmp_path, single_run, mode, optimizer):
-    extra = ["--fsdp"] if mode == "fsdp" else []
+    extra = ["--fsdp"] if mode.startswith("fsdp") else []
+    if mode == "fsdp_accum":
+        extra += ["--batch_size", "2", "--grad_accum", "4"]
     result = torchrun(tiny_args(corpus, tmp_path, max_steps=8, log_every=1) + ["--optimizer", optimizer] + extra)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     ours, reference = losses(run), losses(single_run(optimizer))
     assert ours.keys() == reference.keys() == set(range(1, 9))
-    tolerance = FSDP_BF16_TOLERANCE if mode == "fsdp" and runtime.native_bf16(torch.device("cpu")) else TOLERANCE
+    tolerance = FSDP_BF16_TOLERANCE if extra and runtime.native_bf16(torch.device("cpu")) else TOLERANCE
     for step in reference:
         assert ours[step] == pytest.approx(reference[step], rel=tolerance), step
     log = (run / "training.log").read_text()
-    assert f"distributed: 2 processes, {'FSDP2' if mode == 'fsdp' else 'DDP'}" in log
+    assert f"distributed: 2 processes, {'FSDP2' if extra else 'DDP'}" in log
+    assert ("2 micro-steps of 2 sequences" in log) == (mode == "fsdp_accum")
     assert log.count("model tiny:") == 1, "only rank 0 writes the log"
     assert ("Muon's Newton-Schulz" in log) == (optimizer == "muon")
     # The checkpoint it wrote resumes in a single process and matches the single run's weights.
@@ -83,3 +87,25 @@ def test_a_failed_preparation_ends_every_rank_with_one_error_line(tmp_path):
     ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
     assert ours == [f"error: --data {empty}: no text found"], result.stderr[-3000:]
     assert not (tmp_path / "run" / "latest_checkpoint.pt").exists()
+
+
+def test_ranks_draw_their_own_dropout_and_resume_it_bitwise(corpus, tmp_path):
+    """Under DDP with --dropout each rank seeds its own stream (else both ranks would drop the
+    same units), saves it in the checkpoint, and restores its own on resume: a run stopped at
+    step 2 and resumed ends with the straight run's weights bit for bit."""
+    flags = ["--dropout", "0.2"]
+    straight = torchrun(tiny_args(corpus, tmp_path / "straight", max_steps=4, save_every=2) + flags)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = torchrun(tiny_args(corpus, tmp_path / "resumed", max_steps=2, save_every=2) + flags)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = load_file(tmp_path / "resumed" / "run" / "latest_checkpoint.pt")
+    ranks = state["rng"]["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["cpu"], ranks[1]["cpu"])
+    assert torch.equal(ranks[0]["cpu"], state["rng"]["cpu"])  # rank 0's own is the main state
+    second = torchrun(tiny_args(corpus, tmp_path / "resumed", max_steps=4, save_every=2) + flags)
+    assert second.returncode == 0, second.stderr[-3000:]
+    a = load_file(tmp_path / "straight" / "run" / "latest_checkpoint.pt")
+    b = load_file(tmp_path / "resumed" / "run" / "latest_checkpoint.pt")
+    assert a["step"] == b["step"] == 4
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
