@@ -48,6 +48,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from l1 import chat
 from l1.config import DataConfig
 from l1.errors import L1Error
 from l1.tokenizer import Tokenizer
@@ -60,6 +61,7 @@ SPLITS = ("train", "val")
 ENCODE_BATCH_BYTES = 4 << 20  # text per encode call: thousands of documents for every core, a bounded buffer
 SPLIT_BLOCK = 4096  # documents per seeded draw of the split
 LOCAL_EXAMPLE = "--data ../shared/data/wikipedia-sample"
+CHAT_COLUMN = "messages"  # a chat corpus: rows of {role, content} lists (l1/chat.py)
 
 
 @dataclass
@@ -224,11 +226,18 @@ def _texts(cfg: DataConfig, cache_dir: Path, log) -> Iterator:
     datasets.logging.set_verbosity_error()
     for origin, column, open_dataset in _readers(cfg, cache_dir, log):
         try:
+            row = 0
             for table in open_dataset().with_format("arrow").iter(batch_size=1024):
                 if column not in table.column_names:
+                    hint = (f"; chat rows ({CHAT_COLUMN}) are for fine-tuning a base model: --init_from RUN"
+                            if CHAT_COLUMN in table.column_names else "")
                     raise L1Error(f"{origin} has no '{column}' column (found: {', '.join(table.column_names) or 'none'}); "
-                                  "name it with --text_column")
+                                  f"name it with --text_column{hint}")
                 kind = table.schema.field(column).type
+                if column == CHAT_COLUMN:
+                    yield from _conversations(table.column(column).to_pylist(), origin, row)
+                    row += len(table)
+                    continue
                 if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
                     raise L1Error(f"the '{column}' column of {origin} holds {kind}, not text")
                 yield from table.column(column).to_pylist()
@@ -237,6 +246,44 @@ def _texts(cfg: DataConfig, cache_dir: Path, log) -> Iterator:
         except Exception as exc:  # datasets, pyarrow and the network raise many types
             hint = f"; or use {LOCAL_EXAMPLE}" if cfg.data == "hub" else ""
             raise L1Error(f"cannot read {origin}: {str(exc).strip().splitlines()[0][:300]}{hint}") from None
+
+
+def _conversations(rows: list, origin: str, first: int) -> Iterator[str]:
+    """Chat rows as the chat template's text (l1/chat.py); a malformed row is one L1Error naming
+    the file and the row (counted from 1), never skipped."""
+    for i, messages in enumerate(rows, first + 1):
+        if isinstance(messages, list):  # datasets' JSON reader turns rows of mixed fields into JSON text
+            messages = [_json_object(m) for m in messages]
+        yield chat.render(chat.check(messages, f"{origin}, row {i}"))
+
+
+def _json_object(value):
+    """value, or the object it is the JSON text of."""
+    if isinstance(value, str) and value.startswith("{"):
+        with contextlib.suppress(ValueError):
+            return json.loads(value)
+    return value
+
+
+def chat_source(cfg: DataConfig) -> bool:
+    """Whether the source holds conversations: --text_column messages, or a first table with a
+    messages column and no text column (one table is read)."""
+    if cfg.text_column == CHAT_COLUMN:
+        return True
+    import tempfile
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory() as cache:  # datasets' lock files: no debris
+        origin, _, open_dataset = _readers(cfg, Path(cache), lambda line: None)[0]
+        try:
+            columns = next(iter(open_dataset().with_format("arrow").iter(batch_size=1))).column_names
+        except StopIteration:
+            return False
+        except Exception as exc:  # datasets, pyarrow and the network raise many types
+            raise L1Error(f"cannot read {origin}: {str(exc).strip().splitlines()[0][:300]}") from None
+    return CHAT_COLUMN in columns and cfg.text_column not in columns
 
 
 def documents(cfg: DataConfig, cache_dir: Path, log) -> Iterator[str]:
@@ -526,12 +573,17 @@ def _write_error(exc: OSError, data_dir: Path) -> L1Error:
     return L1Error(f"cannot write the prepared corpus in {data_dir}: {exc.strerror or exc}{where}")
 
 
-def prepare(cfg: DataConfig, vocab_size: int, seed: int, log=print) -> PreparedData:
-    """Prepare <data_dir>/<name>/ for this source, tokenizer and split, or reuse it if it exists."""
+def prepare(cfg: DataConfig, vocab_size: int, seed: int, log=print, tokenizer: Tokenizer | None = None) -> PreparedData:
+    """Prepare <data_dir>/<name>/ for this source, tokenizer and split, or reuse it if it exists.
+
+    tokenizer: use this one (a fine-tune run's) instead of cfg.tokenizer or training one."""
     data_dir = Path(cfg.data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         raise L1Error(f"--data_dir {data_dir} is a file, not a folder")
-    given = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
+    given = tokenizer or (Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None)
+    if cfg.text_column == CHAT_COLUMN and not (given and chat.has_template(given)):
+        raise L1Error(f"--data {cfg.data} holds chat rows ({CHAT_COLUMN}), which teach a base model to chat: "
+                      "fine-tune one with --init_from RUN (README, 'Chat')")
     if given and given.vocab_size > vocab_size:
         raise L1Error(f"tokenizer {cfg.tokenizer} has {given.vocab_size} tokens, more than vocab_size {vocab_size}")
     # A resumed run passes its own tokenizer: the folder that trained it serves as well as one made with it.
