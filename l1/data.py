@@ -294,6 +294,9 @@ def documents(cfg: DataConfig, cache_dir: Path, log) -> Iterator[str]:
     if cfg.max_docs:
         texts = itertools.islice(texts, cfg.max_docs)
     head = list(itertools.islice(texts, 2))
+    if len(head) < 2 and cfg.text_column == CHAT_COLUMN:  # a conversation is not cut into paragraphs
+        raise L1Error(f"--data {cfg.data} holds {len(head)} conversation(s); at least 2 are needed for a "
+                      "validation split")
     if len(head) < 2:
         head = [p for p in re.split(r"\n\s*\n", head[0]) if p.strip()] if head else []
         if not head:

@@ -220,3 +220,18 @@ def test_transformers_chat_pipeline_on_the_export_answers_as_l1_does(sft, tmp_pa
     lm = sampler.load(str(sft), device="cpu", dtype="fp32")
     expected = sampler.Conversation(lm, SamplingConfig(temperature=0, max_tokens=8)).reply(messages[0]["content"])
     assert reply == {"role": "assistant", "content": expected} and expected == chat_facts.questions(False)[0][1] + "."
+
+
+def test_chat_parquet_trains_and_a_single_conversation_is_refused(chat_base, chat_set, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in chat_set.read_text().splitlines()]
+    pq.write_table(pa.table({"messages": [r["messages"] for r in rows]}), tmp_path / "chat.parquet")
+    assert train(sft_args(chat_base, tmp_path / "chat.parquet", tmp_path / "run", max_steps=1)) == 0
+    meta = json.loads(next((tmp_path / "data").glob("*/meta.json")).read_text())
+    assert sum(meta["splits"][s]["documents"] for s in ("train", "val")) == len(rows)
+    single = tmp_path / "one.jsonl"
+    single.write_text(json.dumps({"messages": CONVERSATIONS[1]}) + "\n")
+    assert train(sft_args(chat_base, single, tmp_path / "run1")) == 2
+    assert "holds 1 conversation(s); at least 2 are needed" in one_error_line(capsys.readouterr().err)
