@@ -169,6 +169,19 @@ class DataConfig:
 
 
 @dataclass
+class Origin:
+    """Where a fine-tune run's weights came from, fixed at its first start (empty for a run from
+    scratch): no flag sets it; l1/finetune.py fills it from --init_from."""
+
+    source: str = ""  # the absolute path of the checkpoint file or Hugging Face folder read
+    kind: str = ""  # "l1" (a checkpoint) or "hf" (a Hugging Face Llama folder)
+    step: int = 0  # the source checkpoint's step (0 for a Hugging Face folder)
+    weights: str = ""  # a content hash of the source's weights
+    tokenizer_fingerprint: str = ""  # the source's tokenizer
+    chat: bool = False  # the chat template's tokens were added to it (chat data)
+
+
+@dataclass
 class TrainConfig:
     """Everything a training run needs; saved as the run's training_args.json."""
 
@@ -218,8 +231,15 @@ class TrainConfig:
     max_bad_steps: int = knob(5, "stop after this many non-finite steps in a row")
     tensorboard: bool = knob(False, "also write the metrics for TensorBoard (run folder's tensorboard/; "
                                     "needs pip install tensorboard)")
+    init_from: str = knob("", "fine-tune: start from trained weights instead of random ones: an L1 run folder "
+                              "(its best, else latest checkpoint), a checkpoint .pt, or a Hugging Face Llama folder; "
+                              "the run takes its shape and tokenizer, its optimizer starts fresh, and lr and warmup "
+                              "default to fine-tuning values (README, 'Fine-tuning')")
+    assistant_only_loss: bool = knob(True, "chat data: the loss counts only the assistant's tokens and the token "
+                                           "that ends each of its turns (--no-assistant_only_loss: every token)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    origin: Origin = field(default_factory=Origin)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -315,7 +335,7 @@ PRESETS: dict[str, dict] = {
     },
 }
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "origin": Origin}
 
 
 def _require_seed(seed: int) -> None:

@@ -50,6 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from l1 import chat
 from l1.config import DataConfig
 from l1.errors import L1Error
 from l1.lock import FolderLock, remove_temporaries
@@ -65,6 +66,7 @@ SPLIT_BLOCK = 4096  # documents per seeded draw of the split
 PIECE_CHARS = 1 << 20  # a longer document is read, encoded and written in pieces (_cut): memory stays bounded
 PARAGRAPH_BREAK = re.compile(r"\n\s*\n")  # where a lone document is split into documents
 LOCAL_EXAMPLE = "--data ../shared/data/wikipedia-sample"
+CHAT_COLUMN = "messages"  # a chat corpus: rows of {role, content} lists (l1/chat.py)
 
 
 @dataclass
@@ -321,11 +323,18 @@ def _texts(cfg: DataConfig, cache_dir: Path, log) -> Iterator:
             yield from open_tables()
             continue
         try:
+            row = 0
             for table in open_tables():
                 if column not in table.column_names:
+                    hint = (f"; chat rows ({CHAT_COLUMN}) are for fine-tuning a base model: --init_from RUN"
+                            if CHAT_COLUMN in table.column_names else "")
                     raise L1Error(f"{origin} has no '{column}' column (found: {', '.join(table.column_names) or 'none'}); "
-                                  "name it with --text_column")
+                                  f"name it with --text_column{hint}")
                 kind = table.schema.field(column).type
+                if column == CHAT_COLUMN:
+                    yield from _conversations(table.column(column).to_pylist(), origin, row)
+                    row += len(table)
+                    continue
                 if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
                     raise L1Error(f"the '{column}' column of {origin} holds {kind}, not text")
                 yield from _values(table.column(column))
@@ -334,6 +343,43 @@ def _texts(cfg: DataConfig, cache_dir: Path, log) -> Iterator:
         except Exception as exc:  # datasets, pyarrow and the network raise many types
             hint = f"; or use {LOCAL_EXAMPLE}" if cfg.data == "hub" else ""
             raise L1Error(f"cannot read {origin}: {str(exc).strip().splitlines()[0][:300]}{hint}") from None
+
+
+def _conversations(rows: list, origin: str, first: int) -> Iterator[str]:
+    """Chat rows as the chat template's text (l1/chat.py); a malformed row is one L1Error naming
+    the file and the row (counted from 1), never skipped."""
+    for i, messages in enumerate(rows, first + 1):
+        if isinstance(messages, list):  # datasets' JSON reader turns rows of mixed fields into JSON text
+            messages = [_json_object(m) for m in messages]
+        yield chat.render(chat.check(messages, f"{origin}, row {i}"))
+
+
+def _json_object(value):
+    """value, or the object it is the JSON text of."""
+    if isinstance(value, str) and value.startswith("{"):
+        with contextlib.suppress(ValueError):
+            return json.loads(value)
+    return value
+
+
+def chat_source(cfg: DataConfig) -> bool:
+    """Whether the source holds conversations: --text_column messages, or a first table with a
+    messages column and no text column (one table is read)."""
+    if cfg.text_column == CHAT_COLUMN:
+        return True
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:  # datasets' lock files: no debris
+        origin, column, open_tables = _readers(cfg, Path(cache), lambda line: None)[0]
+        if column is None:  # .txt files hold text
+            return False
+        try:
+            columns = next(iter(open_tables())).column_names
+        except StopIteration:
+            return False
+        except Exception as exc:  # datasets, pyarrow and the network raise many types
+            raise L1Error(f"cannot read {origin}: {str(exc).strip().splitlines()[0][:300]}") from None
+    return CHAT_COLUMN in columns and cfg.text_column not in columns
 
 
 def _pieces(chunks: Iterator[str]) -> Iterator[str]:
@@ -426,6 +472,9 @@ def pieces(cfg: DataConfig, cache_dir: Path, log, split: bool = True) -> Iterato
     if cfg.max_docs:
         docs = itertools.islice(docs, cfg.max_docs)
     head = list(itertools.islice(docs, 2))
+    if len(head) < 2 and cfg.text_column == CHAT_COLUMN:  # a conversation is not cut into paragraphs
+        raise L1Error(f"--data {cfg.data} holds {len(head)} conversation(s); at least 2 are needed for a "
+                      "validation split")
     if len(head) < 2:
         if not head:
             raise L1Error(f"--data {cfg.data}: no text found" + (f" ({skipped} row(s) without text: none, empty or "
@@ -749,12 +798,17 @@ def _write_error(exc: OSError, data_dir: Path) -> L1Error:
     return L1Error(f"cannot write the prepared corpus in {data_dir}: {exc.strerror or exc}{where}")
 
 
-def prepare(cfg: DataConfig, vocab_size: int, seed: int, log=print) -> PreparedData:
-    """Prepare <data_dir>/<name>/ for this source, tokenizer and split, or reuse it if it exists."""
+def prepare(cfg: DataConfig, vocab_size: int, seed: int, log=print, tokenizer: Tokenizer | None = None) -> PreparedData:
+    """Prepare <data_dir>/<name>/ for this source, tokenizer and split, or reuse it if it exists.
+
+    tokenizer: use this one (a fine-tune run's) instead of cfg.tokenizer or training one."""
     data_dir = Path(cfg.data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         raise L1Error(f"--data_dir {data_dir} is a file, not a folder")
-    given = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
+    given = tokenizer or (Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None)
+    if cfg.text_column == CHAT_COLUMN and not (given and chat.has_template(given)):
+        raise L1Error(f"--data {cfg.data} holds chat rows ({CHAT_COLUMN}), which teach a base model to chat: "
+                      "fine-tune one with --init_from RUN (README, 'Chat')")
     if given and given.vocab_size > vocab_size:
         raise L1Error(f"tokenizer {cfg.tokenizer} has {given.vocab_size} tokens, more than vocab_size {vocab_size}")
     # A resumed run passes its own tokenizer: the folder that trained it serves as well as one made with it.

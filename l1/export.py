@@ -28,7 +28,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from l1 import checkpoint
+from l1 import chat, checkpoint
 from l1 import gguf as gguf_file
 from l1.config import ModelConfig, SamplingConfig
 from l1.cli import entry_point
@@ -47,7 +47,7 @@ def export(run_or_checkpoint: str, out_dir: str, force: bool = False) -> Path:
     out = _check_out_dir(Path(out_dir), source.parent, force)
     run, architecture, hf_cfg = _load(run_or_checkpoint)
     with _staging(out) as staging:
-        _write_config(staging, hf_cfg, architecture, run.tokenizer.eot_id)
+        _write_config(staging, hf_cfg, architecture, run.tokenizer.eot_id, _stop_ids(run.tokenizer))
         _write_weights(staging, _hf_weights(run, hf_cfg))
         _write_tokenizer(staging, run.tokenizer, hf_cfg.block_size)
         _publish(staging, out.resolve())
@@ -175,13 +175,20 @@ def _write_weights(folder: Path, weights: dict) -> None:
     shutil.copymode(folder / "config.json", folder / WEIGHTS)  # safetensors creates it owner-only (0600)
 
 
-def _write_config(folder: Path, hf_cfg: ModelConfig, architecture: str, eot_id: int) -> None:
+def _stop_ids(tokenizer: Tokenizer) -> int | list[int]:
+    """The ids that end a generation: end-of-text, and for a chat model first the end of its turn."""
+    if chat.has_template(tokenizer):
+        return [chat.token_ids(tokenizer)[chat.END], tokenizer.eot_id]
+    return tokenizer.eot_id
+
+
+def _write_config(folder: Path, hf_cfg: ModelConfig, architecture: str, eot_id: int, eos: int | list[int]) -> None:
     """config.json and generation_config.json; sampling defaults are generate_simple.py's."""
     from transformers import GenerationConfig
 
     from l1.hf import hf_config
 
-    config = hf_config(hf_cfg, bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
+    config = hf_config(hf_cfg, bos_token_id=eot_id, eos_token_id=eos, pad_token_id=eot_id)
     config.architectures = [ARCHITECTURES[architecture]]  # vLLM and llama.cpp pick the model class from this
     config.dtype = "float32"
     config.save_pretrained(folder)
@@ -189,7 +196,7 @@ def _write_config(folder: Path, hf_cfg: ModelConfig, architecture: str, eot_id: 
     # converter) look for torch_dtype and rope_theta. transformers 5 reads both spellings.
     _update_json(folder / "config.json", torch_dtype="float32", rope_theta=hf_cfg.rope_theta)
     defaults = SamplingConfig()
-    GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id, do_sample=True,
+    GenerationConfig(bos_token_id=eot_id, eos_token_id=eos, pad_token_id=eot_id, do_sample=True,
                      temperature=defaults.temperature, top_k=defaults.top_k, top_p=defaults.top_p,
                      max_length=hf_cfg.block_size).save_pretrained(folder)
 
@@ -199,16 +206,25 @@ def _write_tokenizer(folder: Path, tokenizer: Tokenizer, block_size: int) -> Non
 
     <|endoftext|> separates documents in training, so it serves as beginning, end and padding;
     nothing is added to encoded text, exactly as in L1. Padding is on the left, as batched
-    generation with a decoder-only model needs.
+    generation with a decoder-only model needs. A chat model's tokenizer also carries l1/chat.py's
+    template as chat_template, its turn tokens marked special (so decoding with
+    skip_special_tokens, as transformers' chat pipeline does, leaves them out).
     """
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
     from transformers import PreTrainedTokenizerFast
 
     special = {"bos_token": EOT, "eos_token": EOT, "pad_token": EOT}
-    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf, unk_token=None, model_max_length=block_size,
+    is_chat = chat.has_template(tokenizer)
+    inner = HFTokenizer.from_str(tokenizer.content)
+    if is_chat:  # the same ids and matching; only the flag that decoding may skip them changes
+        inner.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in chat.TOKENS])
+    hf = PreTrainedTokenizerFast(tokenizer_object=inner, unk_token=None, model_max_length=block_size,
                                  padding_side="left", **special)
     hf.save_pretrained(folder)
     # transformers 5 names its own class here, which transformers 4 (and so older vLLM) cannot load.
-    _update_json(folder / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")
+    _update_json(folder / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast",
+                 **({"chat_template": chat.CHAT_TEMPLATE} if is_chat else {}))
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 

@@ -112,3 +112,71 @@ def to_llama(model, dtype=torch.float32):
     Llama has no equivalent)."""
     require_llama(model.cfg, "this model")
     return to_hf(model, dtype)
+
+
+# ---- the other way: a Hugging Face Llama folder as an L1 model ------------------------------------
+
+def _rope_theta(hf: dict) -> tuple[float, str | None]:
+    """The RoPE base of a Llama config.json and the scaling it names, if any (transformers 4
+    writes rope_theta and rope_scaling, transformers 5 rope_parameters)."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kinds = [params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")]
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    return float(theta), next((k for k in kinds if k not in (None, "default")), None)
+
+
+def llama_model_config(hf: dict, what: str) -> ModelConfig:
+    """The ModelConfig of a Llama config.json, or one L1Error naming everything L1's GPT lacks
+    (grouped-query attention, RoPE scaling, biases, another activation, another model type)."""
+    missing = []
+    if hf.get("model_type") != "llama":
+        missing.append(f"model_type {hf.get('model_type')!r} (only llama)")
+    heads = hf.get("num_attention_heads", 0)
+    kv_heads = hf.get("num_key_value_heads") or heads
+    if kv_heads != heads:
+        missing.append(f"grouped-query attention ({kv_heads} key/value heads for {heads} query heads)")
+    theta, scaling = _rope_theta(hf)
+    if scaling:
+        missing.append(f"RoPE scaling {scaling!r}")
+    for bias in ("attention_bias", "mlp_bias"):
+        if hf.get(bias):
+            missing.append(bias.replace("_", " "))
+    if hf.get("hidden_act", "silu") != "silu":
+        missing.append(f"activation {hf.get('hidden_act')!r} (only silu: SwiGLU)")
+    width = hf.get("hidden_size", 0)
+    if heads and hf.get("head_dim") not in (None, width // heads):
+        missing.append(f"head_dim {hf.get('head_dim')} other than hidden_size / heads")
+    if missing:
+        raise L1Error(f"{what} cannot be expressed by L1's GPT: {'; '.join(missing)}")
+    try:
+        return ModelConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=heads, n_embd=width,
+                           block_size=hf["max_position_embeddings"], intermediate_size=hf["intermediate_size"],
+                           rope_theta=theta, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                           tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    except KeyError as exc:
+        raise L1Error(f"{what} lacks {exc.args[0]!r}: not a complete Llama config.json") from None
+
+
+def from_llama_state_dict(llama: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of to_hf_state_dict (for Llama): Llama's names fused into L1's, the vocabulary rows padded
+    to cfg.padded_vocab_size with zeros (rows no token uses: a logit of 0 that training pushes down)."""
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        out = t.new_zeros((cfg.padded_vocab_size, t.shape[1]))
+        out[:len(t)] = t
+        return out
+
+    out = {"embed.weight": padded(llama["model.embed_tokens.weight"]), "norm.weight": llama["model.norm.weight"]}
+    out["lm_head.weight"] = out["embed.weight"] if cfg.tie_embeddings else padded(llama["lm_head.weight"])
+    for i in range(cfg.n_layer):
+        src, dst = f"model.layers.{i}.", f"blocks.{i}."
+        out.update({
+            dst + "attn_norm.weight": llama[src + "input_layernorm.weight"],
+            dst + "attn.qkv.weight": torch.cat([llama[src + f"self_attn.{n}_proj.weight"] for n in "qkv"]),
+            dst + "attn.proj.weight": llama[src + "self_attn.o_proj.weight"],
+            dst + "mlp_norm.weight": llama[src + "post_attention_layernorm.weight"],
+            dst + "mlp.gate_up.weight": torch.cat([llama[src + "mlp.gate_proj.weight"],
+                                                   llama[src + "mlp.up_proj.weight"]]),
+            dst + "mlp.down.weight": llama[src + "mlp.down_proj.weight"],
+        })
+    return out

@@ -16,7 +16,7 @@ import math
 import sys
 from pathlib import Path
 
-from l1 import checkpoint, config
+from l1 import checkpoint, config, finetune
 from l1.config import ModelConfig, model_config_from_dict
 from l1.cli import entry_point
 from l1.errors import L1Error
@@ -47,6 +47,8 @@ def run_info(run_dir: str | Path) -> dict:
     info["tokenizer_fingerprint"] = _tokenizer_fingerprint(run)
     info["checkpoint_tokenizer_fingerprint"] = newest.get("tokenizer_fingerprint")
     info["checkpoints"] = [{k: c[k] for k in ("name", "bytes", "step", "damaged")} for c in checkpoints]
+    origin = train_args.get("origin")
+    info["origin"] = origin if isinstance(origin, dict) and origin.get("source") else None  # a fine-tune run's
     return info
 
 
@@ -135,6 +137,8 @@ def format_info(info: dict) -> str:
     rows.append(("step", _step_line(info)))
     rows.append(("best val loss", _best_line(info)))
     rows.append(("tokenizer", _tokenizer_line(info)))
+    if info["origin"]:
+        rows.append(("fine-tune of", finetune.describe(config.Origin(**info["origin"]))))
     names = [c["name"] for c in info["checkpoints"]]
     width = max(map(len, names), default=0)
     lines = [f"{c['name']:<{width}}  {_size(c['bytes']):>9}  "

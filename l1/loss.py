@@ -40,9 +40,16 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _chunks(x: torch.Tensor, targets: torch.Tensor, vocab: int):
+def _chunks(x: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None, vocab: int):
+    """(x, targets, mask as (n, 1) weights or None) of each chunk of rows."""
     rows = chunk_rows(vocab, x.device.type, len(x))
-    return zip(x.split(rows), targets.split(rows))
+    masks = [None] * len(x.split(rows)) if mask is None else mask[:, None].to(torch.float32).split(rows)
+    return zip(x.split(rows), targets.split(rows), masks)
+
+
+def _count(targets: torch.Tensor, mask: torch.Tensor | None):
+    """The number of targets the mean is over (at least 1: a batch without any gives a loss of 0)."""
+    return len(targets) if mask is None else mask.sum().clamp(min=1)
 
 
 def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
@@ -54,8 +61,10 @@ def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     return (torch.tanh(wide / cap) * cap).to(logits.dtype)
 
 
-def _chunk_loss(xc: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, z_loss: float, softcap: float):
-    """Summed loss of one chunk's logits xc @ w.T (soft-capped where softcap > 0), with
+def _chunk_loss(xc: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, z_loss: float, softcap: float,
+                mc: torch.Tensor | None = None):
+    """Summed loss of one chunk's logits xc @ w.T (soft-capped where softcap > 0; only the rows
+    that the (n, 1) weights mc keep, where given), with
     exp(logits - max) (n, V, at least fp32), their row sums and log-normalizers (n, 1), and the
     tanh of the soft cap (n, V, None without one) for the gradient."""
     logits = xc @ w.t()
@@ -69,9 +78,10 @@ def _chunk_loss(xc: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, z_loss
     exps = logits.sub_(row_max).exp_()  # in the logits' buffer
     sums = exps.sum(dim=-1, keepdim=True)
     lse = sums.log() + row_max
-    total = (lse - target_logit).sum()
+    per_row = lse - target_logit
     if z_loss:
-        total = total + z_loss * lse.square().sum()
+        per_row = per_row + z_loss * lse.square()
+    total = (per_row if mc is None else per_row * mc).sum()
     return total, exps, sums, lse, tanh
 
 
@@ -79,47 +89,50 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """The mean loss, the gradients of x and weight computed alongside it and kept for backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, z_loss, softcap, dtype):
+    def forward(ctx, x, weight, targets, z_loss, softcap, dtype, mask):
         w = weight.to(dtype)
         grad_x = torch.empty(x.shape, dtype=dtype, device=x.device)
         grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(dtype, torch.float32), device=x.device)
         total, start = 0.0, 0
-        for xc, tc in _chunks(x.to(dtype), targets, weight.shape[0]):
-            loss, exps, sums, lse, tanh = _chunk_loss(xc, w, tc, z_loss, softcap)
+        for xc, tc, mc in _chunks(x.to(dtype), targets, mask, weight.shape[0]):
+            loss, exps, sums, lse, tanh = _chunk_loss(xc, w, tc, z_loss, softcap, mc)
             total = total + loss
             # d(loss sum)/d(logits) = softmax - onehot, the z-loss adding 2 z lse softmax.
             probs = exps.mul_((1 + 2 * z_loss * lse) / sums if z_loss else sums.reciprocal())
             probs.scatter_add_(1, tc[:, None], probs.new_full((len(tc), 1), -1.0))
             if tanh is not None:  # through the soft cap: d(cap tanh(l / cap))/dl = 1 - tanh^2
                 probs.mul_(tanh.square_().neg_().add_(1.0))
+            if mc is not None:  # rows the loss does not count have no gradient
+                probs.mul_(mc)
             grad_logits = probs.to(dtype)
             grad_x[start:start + len(tc)] = grad_logits @ w
             grad_w.add_(grad_logits.t() @ xc)
             start += len(tc)
         ctx.save_for_backward(grad_x, grad_w)
-        ctx.count, ctx.x_dtype, ctx.w_dtype = len(targets), x.dtype, weight.dtype
-        return total / len(targets)
+        ctx.count, ctx.x_dtype, ctx.w_dtype = _count(targets, mask), x.dtype, weight.dtype
+        return total / ctx.count
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         scale = grad_loss / ctx.count
-        return (grad_x * scale).to(ctx.x_dtype), (grad_w * scale).to(ctx.w_dtype), None, None, None, None
+        return (grad_x * scale).to(ctx.x_dtype), (grad_w * scale).to(ctx.w_dtype), None, None, None, None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         z_loss: float = 0.0, softcap: float = 0.0) -> torch.Tensor:
+                         z_loss: float = 0.0, softcap: float = 0.0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of the logits x @ weight.T (x: (N, C), weight: (V, C), targets: (N,) int64).
 
     Equal to F.cross_entropy(soft_cap(F.linear(x, weight), softcap), targets) (+ z_loss *
     mean(logsumexp^2) of those same logits), the matmuls in autocast's dtype, the softmax in fp32,
-    without ever holding all N x V logits. Every target counts (there is no ignore index).
+    without ever holding all N x V logits. mask (N,) bool: only the targets it keeps count, the
+    mean is over them (F.cross_entropy's ignore_index, as a mask; default: every target counts).
     """
     dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):  # the casts are explicit here
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            return _LinearCrossEntropy.apply(x, weight, targets, z_loss, softcap, dtype)
+            return _LinearCrossEntropy.apply(x, weight, targets, z_loss, softcap, dtype, mask)
         w, total = weight.to(dtype), 0.0
-        for xc, tc in _chunks(x.to(dtype), targets, weight.shape[0]):
-            total = total + _chunk_loss(xc, w, tc, z_loss, softcap)[0]
-        return total / len(targets)
+        for xc, tc, mc in _chunks(x.to(dtype), targets, mask, weight.shape[0]):
+            total = total + _chunk_loss(xc, w, tc, z_loss, softcap, mc)[0]
+        return total / _count(targets, mask)

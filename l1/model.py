@@ -261,7 +261,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None, z_loss: float = 0.0, last: bool = False) -> torch.Tensor:
+                key_mask: torch.Tensor | None = None, z_loss: float = 0.0, last: bool = False,
+                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, padded_vocab) for idx (B, T), or the mean loss when targets are given.
 
         z_loss: with targets, add z_loss x mean(logsumexp(logits)^2) to the cross-entropy (PaLM).
@@ -273,6 +274,7 @@ class GPT(nn.Module):
         key_mask: (B, length + T) bool, False for padding slots that no query may attend to
         (a static cache: (B, max_len)).
         last: the logits of the last position only (B, 1, padded_vocab), all that decoding needs.
+        loss_mask: (B, T) bool, the targets the loss counts (default: all); the mean is over those.
         """
         B, T = idx.shape
         static = cache is not None and cache.slot is not None
@@ -293,7 +295,7 @@ class GPT(nn.Module):
         if targets is None:
             return soft_cap(self.lm_head(x), self.cfg.logit_softcap)
         return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), z_loss,
-                                    self.cfg.logit_softcap)
+                                    self.cfg.logit_softcap, None if loss_mask is None else loss_mask.reshape(-1))
 
     @staticmethod
     def _attention_mask(T: int, start: int, key_mask, device):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l1 import checkpoint, runtime
+from l1 import chat, checkpoint, runtime
 from l1.config import ModelConfig, SamplingConfig
 from l1.errors import L1Error
 from l1.model import GPT, KVCache
@@ -561,3 +561,68 @@ def generate(lm: LoadedModel, prompts: list[str], cfg: SamplingConfig, stop: tup
         for row in range(first, first + len(chunk)):
             emit(row, streams[row].finish())
     return [s.text for s in streams]
+
+
+class Conversation:
+    """A multi-turn chat with a model fine-tuned on the chat template (l1/chat.py): the history is
+    kept and sent again each turn; when it outgrows the context, the oldest turns are dropped (the
+    system message stays), which `log` is told once."""
+
+    def __init__(self, lm: LoadedModel, cfg: SamplingConfig, system: str | None = None,
+                 log: Callable[[str], None] = print):
+        chat.require_template(lm.tokenizer, str(lm.path))
+        if cfg.num_samples != 1:
+            raise L1Error("--chat answers each turn once: leave out --num_samples")
+        self.lm, self.cfg, self.log, self.dropped = lm, cfg, log, 0
+        self.system = [{"role": "system", "content": system}] if system else []
+        self.turns: list[dict] = []  # user and assistant messages, oldest first
+        ids = chat.token_ids(lm.tokenizer)
+        self.end_id = ids[chat.END]
+        # A model that starts another turn (or a document) has ended its own.
+        self.stop_ids = {lm.tokenizer.eot_id, *(ids[t] for t in chat.ROLE_TOKENS.values())}
+
+    def _prompt(self) -> list[int]:
+        """The ids of the conversation so far with room for a reply: the oldest turns dropped as needed."""
+        room = self.lm.cfg.block_size - min(self.cfg.max_tokens, self.lm.cfg.block_size // 2)
+        while True:
+            ids = self.lm.tokenizer.encode(chat.render(self.system + self.turns, add_generation_prompt=True))
+            if len(ids) <= room or len(self.turns) == 1:
+                break
+            self.turns = self.turns[2:] if self.turns[0]["role"] == "user" else self.turns[1:]
+            if not self.dropped:
+                self.log(f"the conversation outgrew the model's context of {self.lm.cfg.block_size} tokens: "
+                         "its oldest turns are dropped from now on")
+            self.dropped += 1
+        if len(ids) > room:
+            raise L1Error(f"this message and the system text are {len(ids)} tokens; with room for a reply the "
+                          f"context holds {room}: shorten it")
+        return ids
+
+    @torch.inference_mode()
+    def reply(self, text: str, on_piece: Callable[[str], None] | None = None) -> str:
+        """The model's answer to the user's text (streamed to on_piece), added to the history."""
+        if not text.strip():
+            raise L1Error("empty message: type some text")
+        self.turns.append({"role": "user", "content": text})
+        try:
+            prompt = self._prompt()
+        except L1Error:
+            self.turns.pop()
+            raise
+        stream = Detokenizer(self.lm.token_bytes)
+
+        def on_token(_row: int, token: int) -> bool:
+            if token in self.stop_ids:
+                return True
+            piece = stream.add(token)
+            if piece and on_piece is not None:
+                on_piece(piece)
+            return False
+
+        generate_ids(self.lm.decoder or self.lm.model, [prompt], self.cfg, vocab_size=self.lm.tokenizer.vocab_size,
+                     eot_id=self.end_id, on_token=on_token)
+        piece = stream.finish()
+        if piece and on_piece is not None:
+            on_piece(piece)
+        self.turns.append({"role": "assistant", "content": stream.text})
+        return stream.text

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from l1 import checkpoint, config, files, identity, plot, runtime
+from l1 import chat, checkpoint, config, files, finetune, identity, plot, runtime
 from l1.checkpoint import CheckpointManager
 from l1.config import ModelConfig, TrainConfig
 from l1.data import BatchIterator, PreparedData, eval_batches, open_prepared, prepare
@@ -70,7 +70,7 @@ def configure(overrides: dict, file_values: dict | None = None, fresh: bool = Fa
         raise L1Error(f"{out} is a run of preset {stored.get('preset')!r}; --preset {asked} would relabel it "
                       "without changing the model: leave --preset out to resume, or train a new run with "
                       "another --out (or --fresh)")
-    cfg = config.resolve(overrides, stored, file_values)
+    cfg = finetune.resolve(overrides, stored, file_values, out)
     cfg = dataclasses.replace(cfg, data=identity.absolute(cfg.data))
     if reference:
         _check_identity(cfg, out, reference[1])
@@ -397,12 +397,14 @@ def _prepare_data(cfg: TrainConfig, dist: runtime.Distributed, log, resumed: dic
         def load():
             return open_prepared(Path(recorded["folder"]), log=log)
     else:
-        data_cfg = cfg.data
+        data_cfg, given = cfg.data, None
         if resumed:
             data_cfg = dataclasses.replace(data_cfg, tokenizer=_run_tokenizer(cfg.run_dir, resumed, recorded))
+        elif not data_cfg.tokenizer:  # a fine-tune run starts with its source's tokenizer
+            given = finetune.start_tokenizer(cfg)
 
         def load():
-            return prepare(data_cfg, cfg.model.vocab_size, cfg.seed, log=log)
+            return prepare(data_cfg, cfg.model.vocab_size, cfg.seed, log=log, tokenizer=given)
     if not dist.is_main:
         runtime.preparation_outcome(dist)  # raises the main rank's error
         return load()
@@ -483,6 +485,9 @@ class _Run:
 
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg.model).to(self.device)
+        finetune.start(self.model, cfg, self.tokenizer, first=state is None, log=log)
+        # Chat data: the loss counts the assistant's tokens only (l1/chat.py).
+        self.chat_mask = cfg.assistant_only_loss and chat.has_template(self.tokenizer)
         self.flops_per_token = self.model.flops_per_token(cfg.context)
         runtime.seed_rank(cfg.seed, self.dist)  # the same weights everywhere, then each rank its own dropout
         self.peak = runtime.mfu_peak(self.device, self.precision.compute_dtype)
@@ -749,7 +754,7 @@ class _Run:
             x, y = _to_device(x, device), _to_device(y, device)
             with runtime.gradient_sync(self.wrapped, enabled=micro == self.accum - 1):
                 with self.precision.autocast():
-                    loss = self.forward(x, y, z_loss=self.cfg.z_loss) / self.accum
+                    loss = self.forward(x, y, z_loss=self.cfg.z_loss, loss_mask=self._loss_mask(x)) / self.accum
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         for optimizer in self.optimizers:
@@ -779,7 +784,8 @@ class _Run:
         for x, y in eval_batches(self.data.tokens("val"), cfg.context, self.micro_batch, cfg.eval_batches,
                                  rank=self.dist.rank, world_size=self.dist.world_size):
             with self.precision.autocast():
-                totals[0] += self.forward(_to_device(x, device), _to_device(y, device)).float()
+                x = _to_device(x, device)
+                totals[0] += self.forward(x, _to_device(y, device), loss_mask=self._loss_mask(x)).float()
             totals[1] += 1
         self.model.train()
         loss_sum, count = runtime.all_reduce_sum(totals, self.dist).tolist()
@@ -796,6 +802,10 @@ class _Run:
             except L1Error as exc:  # a missing picture must not stop training
                 self.log(f"loss.png not updated: {exc}")
         return val_loss
+
+    def _loss_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The targets the loss counts: the assistant's, for a chat run (None: all)."""
+        return chat.assistant_mask(x, self.tokenizer) if self.chat_mask else None
 
     def _save(self, rolling: bool, best: bool) -> None:
         state = self._state()

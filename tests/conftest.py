@@ -70,6 +70,11 @@ def tiny_args(corpus: Path, tmp: Path, **extra) -> list[str]:
               "batch_size": 4, "seq_len": 32, "grad_accum": 2, "max_steps": 12, "save_every": 4,
               "eval_every": 4, "eval_batches": 2, "log_every": 2, "warmup_steps": 3, "device": "cpu"}
     values.update(extra)
+    return flags(values)
+
+
+def flags(values: dict) -> list[str]:
+    """Command-line flags of a CPU run without compilation: --key value for each item."""
     args = ["--no-compile"]
     for key, value in values.items():
         args += [f"--{key}", str(value)]

@@ -139,3 +139,27 @@ def test_bounded_chunks_still_equal_cross_entropy(monkeypatch):
     targets = torch.randint(0, 300, (200,))
     torch.testing.assert_close(loss_module.linear_cross_entropy(x, weight, targets),
                                reference(x, weight, targets, 0.0))
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_masked_loss_and_gradients_equal_cross_entropy_of_the_kept_targets(small_chunks, z_loss):
+    """The chat loss mask: the mean over the kept targets only, as F.cross_entropy's ignore_index,
+    and no gradient through the rows left out (a chunk without any kept row included)."""
+    torch.manual_seed(0)
+    x = torch.randn(200, 32, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(300, 32, dtype=torch.float64) * 0.3).requires_grad_()
+    targets = torch.randint(0, 300, (200,))
+    mask = torch.rand(200) < 0.3
+    mask[64:128] = False  # one whole chunk counts for nothing
+    logits = F.linear(x, weight)
+    expected = F.cross_entropy(logits, targets.masked_fill(~mask, -100)) \
+        + z_loss * torch.logsumexp(logits, dim=-1)[mask].square().mean()
+    got = linear_cross_entropy(x, weight, targets, z_loss, mask=mask)
+    torch.testing.assert_close(got, expected)
+    grads = torch.autograd.grad(got / 3, (x, weight))
+    torch.testing.assert_close(grads, torch.autograd.grad(expected / 3, (x, weight)))
+    assert grads[0][~mask].abs().max() == 0 and grads[0][mask].abs().min() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(x, weight, targets, z_loss, mask=mask), expected)
+    nothing = linear_cross_entropy(x, weight, targets, mask=torch.zeros(200, dtype=torch.bool))
+    assert nothing.item() == 0.0  # a batch with no assistant token: no loss, no NaN
