@@ -38,6 +38,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
+# The same text again in Ollama's Go template language, for the Modelfile beside a GGUF (Ollama
+# renders a Modelfile's TEMPLATE, and reads a GGUF's Jinja template only where it knows it).
+OLLAMA_TEMPLATE = "{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}<|end|>{{ end }}<|assistant|>"
+
 
 def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The conversation as text (CHAT_TEMPLATE's output); messages must be valid (see check)."""

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from l1 import chat as chat_format
 from l1.config import ModelConfig, SamplingConfig
 from l1.errors import L1Error
 
@@ -163,12 +164,14 @@ def _encode(array, outtype: str):
 
 def modelfile(gguf_name: str, cfg: ModelConfig, chat: bool) -> str:
     """Ollama's Modelfile for the GGUF file gguf_name beside it: generate_simple.py's sampling
-    defaults and the model's context. A base model continues the prompt as it is; a chat model's
-    template is in the GGUF (tokenizer.chat_template), which Ollama reads where it knows it."""
+    defaults and the model's context. A base model continues the prompt as it is; a chat model
+    gets l1/chat.py's template in Ollama's language, and stops at the end of its turn."""
     defaults = SamplingConfig()
     lines = ["# Ollama: ollama create <name> -f Modelfile, then ollama run <name> (written by python -m l1.export)",
              f"FROM ./{gguf_name}"]
-    if not chat:
+    if chat:
+        lines += [f'TEMPLATE """{chat_format.OLLAMA_TEMPLATE}"""', f'PARAMETER stop "{chat_format.END}"']
+    else:
         lines.append('TEMPLATE """{{ .Prompt }}"""')
     lines += [f"PARAMETER temperature {defaults.temperature:g}", f"PARAMETER top_k {defaults.top_k}",
               f"PARAMETER top_p {defaults.top_p:g}", "PARAMETER min_p 0",

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import llama_cpp
 from conftest import SHARED_SAMPLE, make_documents, train_briefly
-from l1 import checkpoint, export
+from l1 import chat, checkpoint, export
 from l1 import gguf as gguf_file
 from l1.config import ModelConfig
 from l1.errors import L1Error
@@ -328,7 +328,7 @@ def test_a_tokenizer_no_llama_cpp_pre_tokenizer_matches_is_refused(run, change):
 def test_a_chat_template_in_the_tokenizer_files_reaches_the_gguf(run, llama, tmp_path, monkeypatch):
     """The GGUF reads its special tokens and chat template from the tokenizer files the HF export
     writes: a template there (as a chat run's) is the file's tokenizer.chat_template, which
-    llama.cpp reads, and the Modelfile then leaves the template to it."""
+    llama.cpp reads, and the Modelfile carries l1/chat.py's template in Ollama's Go form."""
     template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
     write_tokenizer = export._write_tokenizer
 
@@ -340,4 +340,6 @@ def test_a_chat_template_in_the_tokenizer_files_reaches_the_gguf(run, llama, tmp
     monkeypatch.setattr(export, "_write_tokenizer", with_template)
     path = export.export_gguf(str(run[0]), str(tmp_path / "chat.gguf"), outtype="q8_0")
     assert llama(path, vocab_only=True).metadata["tokenizer.chat_template"] == template
-    assert "TEMPLATE" not in (tmp_path / "Modelfile").read_text()
+    modelfile = (tmp_path / "Modelfile").read_text()  # the template in Ollama's language, and its stop
+    assert f'TEMPLATE """{chat.OLLAMA_TEMPLATE}"""' in modelfile and 'PARAMETER stop "<|end|>"' in modelfile
+    assert "{{ .Prompt }}" not in modelfile
