@@ -57,5 +57,7 @@ def differences(stored: TrainConfig, cfg: TrainConfig) -> list[tuple[str, object
 def refusal(run_dir: Path, changes: list[tuple[str, object, object]]) -> str:
     """The one line that refuses a resume which would change the run's identity."""
     said = "; ".join(f"--{name} {new!r}, but the run has {old!r}" for name, old, new in changes)
-    return (f"{run_dir} cannot resume with other data, split, tokenizer or model: {said}. Leave the flag out "
-            f"to resume; to train with it, start a new run (another --out) or start over with --fresh")
+    context = (" (a run's context is fixed by its model: --seq_len may only shorten its training sequences)"
+               if any(name == "block_size" for name, _, _ in changes) else "")
+    return (f"{run_dir} cannot resume with other data, split, tokenizer or model: {said}{context}. Leave the "
+            f"flag out to resume; to train with it, start a new run (another --out) or start over with --fresh")
