@@ -28,6 +28,7 @@ import torch
 
 from l1.config import ModelConfig, model_config_from_dict
 from l1.errors import L1Error
+from l1.files import fsync_dir, replace_atomic
 from l1.lock import NOTE, FolderLock, remove_temporaries, temporary
 from l1.model import GPT
 from l1.tokenizer import Tokenizer
@@ -72,16 +73,6 @@ def _digest(value, h=None) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable: the folder entry itself must reach the disk (POSIX only)."""
-    if os.name == "posix":
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save_file(state: dict, path: Path) -> None:
     """Write a checkpoint atomically: temporary file in the same folder, fsync, rename, fsync folder.
 
@@ -99,7 +90,7 @@ def _sealed(state: dict) -> dict:
 
 def _write_sealed(payload: dict, path: Path) -> None:
     try:
-        _write_atomic(path, lambda f: torch.save(payload, f))
+        replace_atomic(path, lambda f: torch.save(payload, f))
     except OSError as exc:
         raise _cannot_write(f"checkpoint {path}", exc, "the older checkpoints are") from None
 
@@ -107,22 +98,6 @@ def _write_sealed(payload: dict, path: Path) -> None:
 def _cannot_write(what: str, exc: OSError, intact: str) -> CheckpointError:
     return CheckpointError(f"cannot write {what}: {exc.strerror or exc}; {intact} intact: free space or "
                            "fix the folder, then resume")
-
-
-def _write_atomic(path: Path, write: Callable) -> None:
-    """write(f) into a temporary file in the same folder, fsync, rename, fsync the folder; on an
-    OSError the temporary file is removed and the error raised."""
-    tmp = temporary(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_file(path: Path, map_location="cpu") -> dict:
@@ -402,7 +377,7 @@ class CheckpointManager:
             if best:
                 names.append(BEST)
                 _copy(self.latest, self.best)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         except OSError as exc:
             raise _cannot_write(f"checkpoints in {self.dir}", exc, f"{LATEST} is") from None
         done = time.perf_counter()
@@ -462,7 +437,7 @@ def read_run_id(run_dir: Path) -> str | None:
 
 def _write_run_id(run_dir: Path, run_id: str) -> None:
     try:
-        _write_atomic(Path(run_dir) / RUN_ID, lambda f: f.write(f"{run_id}\n".encode()))
+        replace_atomic(Path(run_dir) / RUN_ID, lambda f: f.write(f"{run_id}\n".encode()))
     except OSError as exc:
         raise _cannot_write(str(Path(run_dir) / RUN_ID), exc, "the checkpoints are") from None
 
