@@ -162,3 +162,15 @@ def wait_for(condition, process, timeout=180):
         assert process.poll() is None, f"the trainer exited with {process.returncode}"
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.2)
+
+
+def train_killed_once_saved(args, run: Path, pattern: str) -> None:
+    """Run train_gpu_compatible.py with args as a user would, and SIGKILL it once a file matching
+    pattern (a glob) appears in its run folder."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_gpu_compatible.py"), *map(str, args)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any(run.glob(pattern)) and time.monotonic() < deadline:
+        time.sleep(0.02)  # briefly: a tiny run takes only a few steps more before the kill
+    proc.kill()
+    proc.wait()

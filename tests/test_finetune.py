@@ -3,15 +3,12 @@ its origin recorded; flags that contradict the source refused; exact resume and 
 
 import json
 import shutil
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 import train_gpu_compatible
-from conftest import REPO, flags, one_error_line, run_script, tiny_args
+from conftest import flags, one_error_line, run_script, tiny_args, train_killed_once_saved
 from l1 import checkpoint, info
 from l1.checkpoint import load_file
 from test_trainer import assert_bitwise_equal, assert_same_state, stop_during
@@ -187,14 +184,8 @@ def test_sigkill_of_a_fine_tune_run_loses_nothing(base, corpus, tmp_path):
                                                                    max_steps=30, eval_every=100))
     assert straight.returncode == 0, straight.stderr
     args = [str(a) for a in finetune_args(base, corpus, tmp_path / "killed", max_steps=30, eval_every=100)]
-    proc = subprocess.Popen([sys.executable, str(REPO / "train_gpu_compatible.py"), *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "killed" / "ft"
-    deadline = time.time() + 120
-    while not list(run.glob("checkpoint_epoch_*_step_8.pt")) and time.time() < deadline:
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
+    train_killed_once_saved(args, run, "checkpoint_epoch_*_step_8.pt")
     assert load_file(run / "latest_checkpoint.pt")["step"] < 30
     resumed = run_script("train_gpu_compatible.py", *args)
     assert resumed.returncode == 0, resumed.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_gpu_compatible
-from conftest import run_script, tiny_args
+from conftest import run_script, tiny_args, train_killed_once_saved
 from l1 import runtime, trainer
 from l1.checkpoint import load_file
 from l1.errors import L1Error
@@ -128,24 +128,12 @@ def test_resume_is_bitwise_exact_across_an_epoch_boundary(corpus, tmp_path, monk
 
 
 def test_resume_after_sigkill_is_bitwise_exact(corpus, tmp_path):
-    import subprocess
-    import sys
-    import time
-
-    from conftest import REPO
-
     args = tiny_args(corpus, tmp_path / "killed", max_steps=40, save_every=2, eval_every=100)
     straight = run_script("train_gpu_compatible.py", *tiny_args(corpus, tmp_path / "straight", max_steps=40,
                                                                  save_every=2, eval_every=100))
     assert straight.returncode == 0, straight.stderr
-    proc = subprocess.Popen([sys.executable, str(REPO / "train_gpu_compatible.py"), *map(str, args)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "killed" / "run"
-    deadline = time.time() + 120
-    while not list(run.glob("checkpoint_epoch_*_step_1[0-9].pt")) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
+    train_killed_once_saved(args, run, "checkpoint_epoch_*_step_1[0-9].pt")
     assert load_file(run / "latest_checkpoint.pt")["step"] < 40
     resumed = run_script("train_gpu_compatible.py", *args)
     assert resumed.returncode == 0, resumed.stderr
